@@ -1,0 +1,389 @@
+//! The commands: wiring config, store, client, pollers and dispatchers into
+//! `run` (the daemon), `once` (one cycle), `demo`, and the small state
+//! commands. Each returns a sysexits-style exit code.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{self, Config, ConfigError, LoadOptions};
+use crate::dispatch::{Dispatcher, Exit};
+use crate::opsera::Client;
+use crate::poller::{Limits, PollError, Poller};
+use crate::simulator::{SimOptions, Simulator};
+use crate::sink;
+use crate::store::{Store, StoreError};
+use crate::window;
+
+/// Exit codes (sysexits.h).
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const USAGE: u8 = 64;
+    pub const SOFTWARE: u8 = 70;
+    pub const CANTCREAT: u8 = 73;
+    pub const IOERR: u8 = 74;
+    pub const TEMPFAIL: u8 = 75;
+    pub const NOPERM: u8 = 77;
+    pub const CONFIG: u8 = 78;
+}
+
+/// A failure that ends a command, with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("config error: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("sink {sink}: {message}")]
+    Sink { sink: String, message: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl AppError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Config(_) => exit::CONFIG,
+            AppError::Store(_) => exit::IOERR,
+            AppError::Sink { .. } => exit::CANTCREAT,
+            AppError::Usage(_) => exit::USAGE,
+            AppError::Other(_) => exit::SOFTWARE,
+        }
+    }
+}
+
+/// The demo's config, also shipped as `config/demo.toml`.
+pub const DEMO_TOML: &str = include_str!("../config/demo.toml");
+
+/// Everything a pipeline run needs, built from config.
+struct Pipeline {
+    cfg: Config,
+    store: Store,
+    client: Client,
+}
+
+impl Pipeline {
+    async fn build(cfg: Config) -> Result<Self, AppError> {
+        let store = open_store(&cfg.state.path).await?;
+        let token = cfg.api.token.clone().ok_or_else(|| {
+            AppError::Config(ConfigError { file: cfg.source.display().to_string(), message: "no API token".into() })
+        })?;
+        let client = Client::new(&cfg.api, token).map_err(|e| {
+            AppError::Config(ConfigError {
+                file: cfg.source.display().to_string(),
+                message: format!("api: cannot build the HTTP client: {e}"),
+            })
+        })?;
+        Ok(Self { cfg, store, client })
+    }
+
+    fn pollers(&self) -> Vec<Poller> {
+        let limits = Limits { max_records: self.cfg.state.max_buffered_records, max_bytes: self.cfg.state.max_buffered_bytes };
+        self.cfg
+            .enabled_streams()
+            .map(|s| Poller::new(s.clone(), self.client.clone(), self.store.clone(), limits))
+            .collect()
+    }
+
+    async fn dispatchers(&self) -> Result<Vec<Dispatcher>, AppError> {
+        self.store.register_sinks(self.cfg.sinks.iter().map(|s| s.name.clone()).collect()).await?;
+        let mut out = Vec::new();
+        for s in &self.cfg.sinks {
+            let cur = self.store.sink_cursor(&s.name).await?;
+            let built = sink::build(s, cur.file)
+                .await
+                .map_err(|e| AppError::Sink { sink: s.name.clone(), message: e.to_string() })?;
+            out.push(Dispatcher::new(s.name.clone(), s.streams.clone(), self.store.clone(), built, cur.delivered_seq));
+        }
+        Ok(out)
+    }
+}
+
+async fn open_store(path: &Path) -> Result<Store, AppError> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || Store::open(&p))
+        .await
+        .map_err(|e| AppError::Other(anyhow::anyhow!("opening the store: {e}")))?
+        .map_err(AppError::from)
+}
+
+/// `once`: poll every enabled stream up to now, deliver everything, exit.
+pub async fn once(cfg: Config, sink_timeout: Duration) -> Result<u8, AppError> {
+    let p = Pipeline::build(cfg).await?;
+    let dispatchers = p.dispatchers().await?;
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone(), None);
+    let (drain_tx, drain_rx) = watch::channel(None);
+    let (_reopen_tx, reopen_rx) = watch::channel(0u64);
+    let handles: Vec<(String, JoinHandle<Result<Exit, StoreError>>)> = dispatchers
+        .into_iter()
+        .zip(p.cfg.sinks.iter())
+        .map(|(d, s)| (s.name.clone(), tokio::spawn(d.run(cancel.clone(), drain_rx.clone(), reopen_rx.clone()))))
+        .collect();
+
+    let polls = futures_util::future::join_all(p.pollers().into_iter().map(|poller| {
+        let cancel = cancel.clone();
+        let store = p.store.clone();
+        async move {
+            let name = poller.stream().name.clone();
+            let r = poller.poll_once(&cancel).await;
+            if let Err(e) = &r
+                && !matches!(e, PollError::Cancelled)
+            {
+                error!(stream = %name, error = %e, "Poll failed.");
+                let _ = store.record_poll_error(&name, window::now_ms(), e.to_string()).await;
+            }
+            r
+        }
+    }))
+    .await;
+    let mut code = exit::OK;
+    for r in &polls {
+        match r {
+            Ok(_) => {}
+            Err(e) if e.is_auth() => code = exit::NOPERM,
+            Err(_) if code == exit::OK => code = exit::TEMPFAIL,
+            Err(_) => {}
+        }
+    }
+
+    let high = p.store.high_seq().await?;
+    let _ = drain_tx.send(Some(high));
+    let deadline = tokio::time::Instant::now() + sink_timeout;
+    for (name, h) in handles {
+        let outcome = tokio::select! {
+            r = h => Some(r),
+            _ = tokio::time::sleep_until(deadline) => None,
+        };
+        match outcome {
+            Some(Ok(Ok(Exit::Drained))) => {}
+            Some(Ok(Ok(Exit::Cancelled))) => {
+                if code == exit::OK {
+                    code = exit::TEMPFAIL;
+                }
+            }
+            Some(Ok(Err(e))) => return Err(e.into()),
+            Some(Err(e)) => return Err(AppError::Other(anyhow::anyhow!("sink {name} task failed: {e}"))),
+            None => {
+                cancel.cancel();
+                let (records, _) = p.store.backlog();
+                error!(
+                    sink = %name,
+                    timeout = %humantime::format_duration(sink_timeout),
+                    journal_records = records,
+                    "Sink could not deliver in time; its records stay in the journal for the next run."
+                );
+                if code != exit::NOPERM {
+                    code = exit::TEMPFAIL;
+                }
+            }
+        }
+    }
+    cancel.cancel();
+    Ok(code)
+}
+
+/// `run`: poll and deliver until `stop` is cancelled or a signal arrives.
+pub async fn run(cfg: Config, stop: CancellationToken) -> Result<u8, AppError> {
+    let shutdown_timeout = cfg.runtime.shutdown_timeout;
+    let p = Pipeline::build(cfg).await?;
+    let dispatchers = p.dispatchers().await?;
+    let (reopen_tx, reopen_rx) = watch::channel(0u64);
+    spawn_signal_handler(stop.clone(), Some(reopen_tx));
+    let (_drain_tx, drain_rx) = watch::channel(None);
+    let tracker = TaskTracker::new();
+    // Pollers stop at once on shutdown; dispatchers finish the batch in flight.
+    for poller in p.pollers() {
+        tracker.spawn(poller.run(stop.clone()));
+    }
+    for d in dispatchers {
+        let (stop, drain, reopen) = (stop.clone(), drain_rx.clone(), reopen_rx.clone());
+        tracker.spawn(async move {
+            if let Err(e) = d.run(stop, drain, reopen).await {
+                error!(error = %e, "Dispatcher stopped on a state database error.");
+            }
+        });
+    }
+    tracker.close();
+    info!(
+        streams = ?p.cfg.enabled_streams().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        sinks = ?p.cfg.sinks.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        state = %p.cfg.state.path.display(),
+        "opsera-shipper running."
+    );
+    stop.cancelled().await;
+    info!(timeout = %humantime::format_duration(shutdown_timeout), "Shutting down: polling stopped, finishing batches in flight.");
+    if tokio::time::timeout(shutdown_timeout, tracker.wait()).await.is_err() {
+        warn!("Shutdown timeout reached; batches still in flight are delivered again on the next start.");
+    }
+    info!("Stopped.");
+    Ok(exit::OK)
+}
+
+/// SIGTERM/SIGINT cancel `stop` (a second one exits at once); SIGHUP bumps `reopen`.
+fn spawn_signal_handler(stop: CancellationToken, reopen: Option<watch::Sender<u64>>) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "Cannot install signal handlers.");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut signals = signals;
+        while let Some(sig) = signals.next().await {
+            match sig {
+                SIGHUP => match &reopen {
+                    Some(tx) => {
+                        info!("SIGHUP: reopening output files.");
+                        tx.send_modify(|g| *g += 1);
+                    }
+                    None => info!("SIGHUP ignored (nothing to reopen in this command)."),
+                },
+                _ if stop.is_cancelled() => {
+                    warn!("Second signal: exiting now; state is consistent and the batch in flight is delivered again next time.");
+                    std::process::exit(exit::OK as i32);
+                }
+                _ => {
+                    info!(signal = sig, "Signal received; shutting down.");
+                    stop.cancel();
+                }
+            }
+        }
+    });
+}
+
+/// `demo`: the real pipeline against the simulated API, into `dir`.
+pub async fn demo(dir: PathBuf, duration: Option<Duration>) -> Result<u8, AppError> {
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| AppError::Other(anyhow::anyhow!("cannot create demo directory {}: {e}", dir.display())))?;
+    let dir = dir.canonicalize().unwrap_or(dir);
+    let sim = Simulator::start(SimOptions {
+        user_backlog: 2500,
+        token_backlog: 400,
+        backlog_span: Duration::from_secs(2 * 86_400),
+        ..SimOptions::default()
+    })
+    .await?;
+    sim.start_trickle(Duration::from_secs(2), 3);
+    sim.set_fail_every(40, 503);
+    let out = dir.join("audit.jsonl");
+    let env: HashMap<String, String> = [
+        ("OPSERA_SHIPPER__API__BASE_URL", sim.base_url()),
+        ("OPSERA_SHIPPER__API__TOKEN", sim.token().to_string()),
+        ("OPSERA_SHIPPER__STATE__PATH", dir.join("state.db").display().to_string()),
+        ("OPSERA_SHIPPER__SINKS__ARCHIVE__PATH", out.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let cfg = config::load_str(DEMO_TOML, Path::new("config/demo.toml"), &LoadOptions { require_token: true, env: Some(env) })?;
+    info!(
+        api = %sim.base_url(),
+        output = %out.display(),
+        state = %cfg.state.path.display(),
+        "Demo: a simulated Opsera API with a 2-day backlog and new activity every 2s (and an occasional 503, to show retries). \
+         Press Ctrl-C to stop; run again to see it resume from its checkpoint."
+    );
+    let stop = CancellationToken::new();
+    if let Some(d) = duration {
+        let s = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            s.cancel();
+        });
+    }
+    let code = run(cfg, stop).await?;
+    sim.shutdown();
+    let lines = std::fs::read_to_string(&out).map(|t| t.lines().count()).unwrap_or(0);
+    eprintln!(
+        "\nDemo finished: {lines} audit records in {} (one JSON object per line). Try:\n  tail -n 3 {}\n",
+        out.display(),
+        out.display()
+    );
+    Ok(code)
+}
+
+/// `status`: watermarks, last polls and errors, sink lag.
+pub async fn status(cfg: Config, json: bool) -> Result<u8, AppError> {
+    if !cfg.state.path.exists() {
+        if json {
+            println!("{{\"path\":{},\"exists\":false}}", serde_json::to_string(&cfg.state.path.display().to_string()).unwrap_or_default());
+        } else {
+            println!("No state database at {} yet: the shipper has not run with this config.", cfg.state.path.display());
+        }
+        return Ok(exit::OK);
+    }
+    let store = open_store(&cfg.state.path).await?;
+    let st = store.status(cfg.sinks.iter().map(|s| s.name.clone()).collect()).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st).map_err(|e| AppError::Other(e.into()))?);
+        return Ok(exit::OK);
+    }
+    println!("State: {} (schema {}), journal: {} records, {} bytes", st.path, st.schema_version, st.journal_records, st.journal_bytes);
+    println!();
+    println!("{:<16} {:<26} {:<26} {:<9} LAST ERROR", "STREAM", "WATERMARK", "LAST SUCCESS", "TRUNC.");
+    for s in cfg.streams.iter() {
+        let row = st.streams.iter().find(|r| r.name == s.name);
+        let dash = || "-".to_string();
+        let enabled = if s.enabled { "" } else { " (disabled)" };
+        println!(
+            "{:<16} {:<26} {:<26} {:<9} {}{}",
+            s.name,
+            row.and_then(|r| r.watermark.clone()).unwrap_or_else(dash),
+            row.and_then(|r| r.last_success.clone()).unwrap_or_else(dash),
+            row.map(|r| r.truncated_days).unwrap_or(0),
+            row.and_then(|r| r.last_error.clone()).unwrap_or_else(dash),
+            enabled
+        );
+    }
+    println!();
+    println!("{:<16} {:<14} {:<12} {:<13} LAST DELIVERY", "SINK", "DELIVERED SEQ", "LAG", "DEAD LETTERS");
+    for s in &st.sinks {
+        println!(
+            "{:<16} {:<14} {:<12} {:<13} {}",
+            s.name,
+            s.delivered_seq,
+            s.lag_records,
+            s.dead_letters,
+            s.last_delivery.clone().unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// `reset`: poll a stream again from `since` (or its initial lookback).
+pub async fn reset(cfg: Config, stream: &str, since: Option<&str>) -> Result<u8, AppError> {
+    if !cfg.streams.iter().any(|s| s.name == stream) {
+        return Err(AppError::Usage(format!(
+            "unknown stream '{stream}'; known streams are {}",
+            config::KNOWN_STREAMS.join(", ")
+        )));
+    }
+    let since_ms = match since {
+        None => None,
+        Some(s) => Some(window::parse_since(s, window::now_ms()).ok_or_else(|| {
+            AppError::Usage(format!("--since '{s}' is not a time: use RFC 3339, YYYY-MM-DD, or a duration ago such as 2d"))
+        })?),
+    };
+    let store = open_store(&cfg.state.path).await?;
+    store.reset_stream(stream, since_ms).await?;
+    match since_ms {
+        Some(t) => println!(
+            "Stream {stream} is polled again from {} (minus its overlap); records from then on are delivered again.",
+            window::fmt_rfc3339(t)
+        ),
+        None => println!("Stream {stream} is reset: the next poll starts at its initial_lookback and delivers those records again."),
+    }
+    Ok(exit::OK)
+}

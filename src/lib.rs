@@ -1,0 +1,39 @@
+//! opsera-shipper: gets Opsera's audit logs into a SIEM, losing none and
+//! sending none twice.
+//!
+//! ```text
+//!  Opsera API ──HTTP──▶ poller (one task per stream)        poller.rs, window.rs, opsera/
+//!                          │  window = [min(watermark, last end) - overlap, last whole minute], paged
+//!                          ▼
+//!                    store (SQLite, WAL)                     store.rs
+//!                          │  one transaction per page: seen ids (dedup) + journal rows;
+//!                          │  the watermark moves once a whole window is stored
+//!                          ▼
+//!                    dispatcher (one task per sink)          dispatch.rs
+//!                          │  read the journal after the sink's cursor, deliver a batch,
+//!                          │  then move the cursor
+//!                          ▼
+//!                    sinks: file, stdout                     sink/
+//! ```
+//!
+//! - [`config`]: TOML + environment overlay → validated config; secrets.
+//! - [`opsera`]: API client, retries, untrusting page parsing.
+//! - [`window`]: window and day arithmetic, dedup horizons.
+//! - [`poller`]: per-stream poll loop.
+//! - [`store`]: SQLite state: checkpoints, dedup, journal, cursors.
+//! - [`dispatch`]: per-sink delivery loop.
+//! - [`sink`]: the sink trait and the sinks.
+//! - [`simulator`]: a simulated Opsera API for the demo and the tests.
+//! - [`app`]: the commands (`run`, `once`, `demo`, `status`, `reset`).
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod dispatch;
+mod lenient;
+pub mod opsera;
+pub mod poller;
+pub mod simulator;
+pub mod sink;
+pub mod store;
+pub mod window;

@@ -1,0 +1,70 @@
+//! The `opsera-shipper` binary: parse arguments, set up logging, run a
+//! command from the library, and turn the outcome into a sysexits code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use opsera_shipper::app::{self, AppError, exit};
+use opsera_shipper::cli::{Cli, Command};
+use opsera_shipper::config::{self, LoadOptions, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!(error = %e, "Exiting.");
+            eprintln!("opsera-shipper: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<u8, AppError> {
+    let require_token = matches!(cli.command, Command::Run | Command::Once { .. } | Command::CheckConfig);
+    if let Command::Demo { duration, dir } = cli.command {
+        init_logging("info", LogFormat::Text);
+        return runtime()?.block_on(app::demo(dir, duration));
+    }
+    let cfg = config::load(&cli.config, &LoadOptions { require_token, env: None })?;
+    init_logging(&cfg.log.level, cfg.log.format);
+    match cli.command {
+        Command::CheckConfig => {
+            print!("{}", cfg.render_masked());
+            eprintln!("Config {} is valid.", cfg.source.display());
+            Ok(exit::OK)
+        }
+        Command::Run => runtime()?.block_on(app::run(cfg, tokio_util::sync::CancellationToken::new())),
+        Command::Once { timeout } => runtime()?.block_on(app::once(cfg, timeout)),
+        Command::Status { json } => runtime()?.block_on(app::status(cfg, json)),
+        Command::Reset { stream, since } => runtime()?.block_on(app::reset(cfg, &stream, since.as_deref())),
+        Command::Demo { .. } => unreachable!("handled above"),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, AppError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .map_err(|e| AppError::Other(anyhow::anyhow!("cannot start the async runtime: {e}")))
+}
+
+/// Logs go to stderr, never stdout (the stdout sink owns it). RUST_LOG overrides the level.
+fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

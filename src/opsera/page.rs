@@ -1,0 +1,171 @@
+//! Parsing one API response into records, trusting nothing.
+//!
+//! A page is accepted whole or not at all: a body that is not JSON, a
+//! `data` that is not an array, a record that is not an object, lacks a
+//! string `_id` or carries an unparsable `createdAt`, or a `count` that
+//! contradicts `data` rejects the page with a reason. Each accepted record
+//! keeps its exact original JSON text.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::window::parse_timestamp;
+
+/// One audit record: its dedup key, its creation time and its original text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub id: String,
+    /// `createdAt` in epoch ms.
+    pub created: i64,
+    /// The record's JSON text exactly as the API sent it.
+    pub body: String,
+}
+
+/// One parsed response.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The response's `count`, when it sent one.
+    pub count: Option<u64>,
+    pub records: Vec<Record>,
+}
+
+/// How `count` relates to `data` on an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountMeaning {
+    /// v2: the total matching the query, across all pages (so `>= data.len()`).
+    Total,
+    /// v1: the number of records in this response.
+    Returned,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(default, borrow)]
+    count: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "_id", default, borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(rename = "createdAt", default, borrow)]
+    created: Option<&'a RawValue>,
+}
+
+/// Longest `_id` accepted; ObjectIds are 24 characters.
+const MAX_ID_LEN: usize = 128;
+
+/// Parse a response body. Errors say what was wrong, without the URL (the caller adds it).
+pub fn parse_page(body: &[u8], meaning: CountMeaning) -> Result<Page, String> {
+    let env: Envelope = serde_json::from_slice(body)
+        .map_err(|e| format!("response is not a JSON object with count and data ({e}); body starts with {}", snippet(body)))?;
+    let data = env.data.ok_or("response has no \"data\" field")?;
+    let items: Vec<&RawValue> =
+        serde_json::from_str(data.get()).map_err(|_| "\"data\" is not an array".to_string())?;
+    let count = match env.count {
+        None => None,
+        Some(c) => match serde_json::from_str::<u64>(c.get()) {
+            Ok(n) => Some(n),
+            Err(_) => return Err(format!("\"count\" is {} , not a non-negative integer", c.get())),
+        },
+    };
+    if let Some(n) = count {
+        let len = items.len() as u64;
+        match meaning {
+            CountMeaning::Total if n < len => {
+                return Err(format!("\"count\" is {n} but \"data\" holds {len} records (count is the total, so it cannot be smaller)"));
+            }
+            CountMeaning::Returned if n != len => {
+                return Err(format!("\"count\" is {n} but \"data\" holds {len} records"));
+            }
+            _ => {}
+        }
+    }
+    let mut records = Vec::with_capacity(items.len());
+    for (i, raw) in items.into_iter().enumerate() {
+        records.push(parse_record(raw).map_err(|m| format!("record {i} of \"data\": {m}"))?);
+    }
+    Ok(Page { count, records })
+}
+
+fn parse_record(raw: &RawValue) -> Result<Record, String> {
+    let text = raw.get();
+    if !text.starts_with('{') {
+        return Err(format!("not a JSON object: {}", snippet(text.as_bytes())));
+    }
+    let head: Head = serde_json::from_str(text).map_err(|e| format!("unreadable record ({e})"))?;
+    let id: String = head
+        .id
+        .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
+        .ok_or("\"_id\" is missing or not a string")?;
+    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
+        return Err(format!("\"_id\" {:?} is empty, too long or holds control characters", truncate(&id, 40)));
+    }
+    let created_text: String = head
+        .created
+        .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
+        .ok_or_else(|| format!("record {id}: \"createdAt\" is missing or not a string"))?;
+    let created = parse_timestamp(&created_text)
+        .ok_or_else(|| format!("record {id}: \"createdAt\" {:?} is not an ISO-8601 timestamp", truncate(&created_text, 40)))?;
+    Ok(Record { id, created, body: text.to_string() })
+}
+
+/// The first bytes of a body, printable, for error messages.
+pub fn snippet(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&body[..body.len().min(120)]);
+    let cleaned: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if body.len() > 120 { format!("{cleaned:?}…") } else { format!("{cleaned:?}") }
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REC: &str = r#"{"_id":"61042540e1d666c9ded178c4","createdAt":"2021-07-30T16:13:52.109Z","x":1.50,"__v":0}"#;
+
+    #[test]
+    fn keeps_original_text() {
+        let body = format!(r#"{{"count":1,"data":[ {REC} ]}}"#);
+        let p = parse_page(body.as_bytes(), CountMeaning::Total).unwrap();
+        assert_eq!(p.records[0].body, REC);
+        assert_eq!(p.records[0].id, "61042540e1d666c9ded178c4");
+        assert_eq!(p.count, Some(1));
+    }
+
+    #[test]
+    fn rejects_untrustworthy_pages() {
+        let cases = [
+            ("<html>oops</html>", "not a JSON object"),
+            (r#"{"count":1}"#, "no \"data\""),
+            (r#"{"count":1,"data":{}}"#, "not an array"),
+            (r#"{"count":-1,"data":[]}"#, "\"count\""),
+            (r#"{"count":0,"data":[{"_id":"a","createdAt":"2021-07-30T16:13:52.109Z"}]}"#, "cannot be smaller"),
+            (r#"{"count":1,"data":[{"createdAt":"2021-07-30T16:13:52.109Z"}]}"#, "\"_id\" is missing"),
+            (r#"{"count":1,"data":[{"_id":5,"createdAt":"2021-07-30T16:13:52.109Z"}]}"#, "\"_id\" is missing or not a string"),
+            (r#"{"count":1,"data":[{"_id":"a","createdAt":"last tuesday"}]}"#, "not an ISO-8601"),
+            (r#"{"count":1,"data":[7]}"#, "not a JSON object"),
+        ];
+        for (body, want) in cases {
+            let e = parse_page(body.as_bytes(), CountMeaning::Total).unwrap_err();
+            assert!(e.contains(want), "{body}: {e}");
+        }
+        let e = parse_page(format!(r#"{{"count":2,"data":[{REC}]}}"#).as_bytes(), CountMeaning::Returned).unwrap_err();
+        assert!(e.contains("holds 1"), "{e}");
+    }
+
+    #[test]
+    fn count_may_be_absent() {
+        let p = parse_page(format!(r#"{{"data":[{REC}]}}"#).as_bytes(), CountMeaning::Returned).unwrap();
+        assert_eq!(p.count, None);
+        assert_eq!(p.records.len(), 1);
+    }
+}

@@ -1,0 +1,147 @@
+//! Sinks: where records go. Every sink implements [`Sink`]; the dispatcher
+//! drives it. Adding a sink means one new file here, a variant in
+//! `config::SinkKind`, and one arm in [`build`].
+
+mod file;
+mod stdout;
+
+use std::borrow::Cow;
+
+use async_trait::async_trait;
+
+pub use file::FileSink;
+pub use stdout::StdoutSink;
+
+use crate::config::{SinkConfig, SinkKind};
+use crate::store::{FilePos, JournalRow};
+
+/// Why a delivery failed, and so what the dispatcher does next.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Try the same batch again later (disk full, receiver down).
+    #[error("{0}")]
+    Retryable(String),
+    /// The batch can never be delivered as it is; it goes to dead letters.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// A destination for records.
+#[async_trait]
+pub trait Sink: Send {
+    /// Deliver `rows` in order and return once they are durably accepted
+    /// (written and flushed, or acknowledged). The returned position, if
+    /// any, is committed together with the sink's cursor.
+    async fn deliver(&mut self, rows: &[JournalRow]) -> Result<Option<FilePos>, SinkError>;
+    /// Reopen output files (SIGHUP, after logrotate moved them).
+    async fn reopen(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Build the sink `cfg` describes; `committed` is its last committed file position.
+pub async fn build(cfg: &SinkConfig, committed: Option<FilePos>) -> Result<Box<dyn Sink>, SinkError> {
+    let lines = LineFormat { stream_field: cfg.stream_field.clone() };
+    Ok(match &cfg.kind {
+        SinkKind::File { path } => Box::new(FileSink::open(&cfg.name, path.clone(), lines, committed).await?),
+        SinkKind::Stdout => Box::new(StdoutSink::new(lines)),
+    })
+}
+
+/// How a journal row becomes one output line (file and stdout sinks).
+#[derive(Debug, Clone, Default)]
+pub struct LineFormat {
+    /// Add `"<field>":"<stream>"` to each record.
+    pub stream_field: Option<String>,
+}
+
+impl LineFormat {
+    /// Append `row` as one JSON line (with the trailing newline) to `out`.
+    /// The record's original text is kept; only whitespace outside strings
+    /// is removed when the text spans several lines.
+    pub fn push_line(&self, row: &JournalRow, out: &mut String) {
+        let body: Cow<str> = if row.body.contains(['\n', '\r']) { Cow::Owned(minify(&row.body)) } else { Cow::Borrowed(&row.body) };
+        let body = body.trim();
+        match &self.stream_field {
+            Some(f) if body.starts_with('{') && !has_top_level_key(body, f) => {
+                out.push_str("{\"");
+                out.push_str(f);
+                out.push_str("\":");
+                out.push_str(&serde_json::to_string(&row.stream).unwrap_or_default());
+                let rest = body[1..].trim_start();
+                if !rest.starts_with('}') {
+                    out.push(',');
+                }
+                out.push_str(rest);
+            }
+            _ => out.push_str(body),
+        }
+        out.push('\n');
+    }
+}
+
+fn has_top_level_key(body: &str, key: &str) -> bool {
+    serde_json::from_str::<std::collections::HashMap<Cow<str>, serde::de::IgnoredAny>>(body)
+        .map(|m| m.contains_key(key))
+        .unwrap_or(false)
+}
+
+/// Remove whitespace outside JSON strings, keeping every token as it is.
+pub fn minify(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let (mut in_str, mut escaped) = (false, false);
+    for c in json.chars() {
+        if in_str {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if c == '"' {
+            in_str = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\n' | '\r' | '\t') {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn row(body: &str) -> JournalRow {
+        JournalRow { seq: 1, stream: "user_activity".into(), id: "a".into(), created: 0, body: body.into() }
+    }
+
+    #[test]
+    fn pretty_records_become_one_line_with_tokens_unchanged() {
+        let mut out = String::new();
+        LineFormat::default().push_line(&row("{\n  \"_id\": \"a b\",\n  \"x\": 1.50,\n  \"s\": \"q\\\" \\n\"\n}"), &mut out);
+        assert_eq!(out, "{\"_id\":\"a b\",\"x\":1.50,\"s\":\"q\\\" \\n\"}\n");
+    }
+
+    #[test]
+    fn stream_field_is_added_once() {
+        let f = LineFormat { stream_field: Some("opsera_stream".into()) };
+        let mut out = String::new();
+        f.push_line(&row(r#"{"_id":"a"}"#), &mut out);
+        f.push_line(&row(r#"{"_id":"b","opsera_stream":"mine"}"#), &mut out);
+        assert_eq!(out, "{\"opsera_stream\":\"user_activity\",\"_id\":\"a\"}\n{\"_id\":\"b\",\"opsera_stream\":\"mine\"}\n");
+    }
+
+    proptest! {
+        /// Minifying pretty-printed JSON gives back the same value.
+        #[test]
+        fn minify_preserves_values(v in any::<std::collections::BTreeMap<String, (String, i32, bool)>>()) {
+            let pretty = serde_json::to_string_pretty(&v).unwrap();
+            let compact = serde_json::to_string(&v).unwrap();
+            prop_assert_eq!(minify(&pretty), compact);
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! The stdout sink: one JSON line per record on standard output, for
+//! container log collection. Logs never go to stdout (they go to stderr),
+//! so the stream stays machine-readable.
+
+use async_trait::async_trait;
+use tokio::io::AsyncWriteExt;
+
+use super::{LineFormat, Sink, SinkError};
+use crate::store::{FilePos, JournalRow};
+
+pub struct StdoutSink {
+    lines: LineFormat,
+    out: tokio::io::Stdout,
+}
+
+impl StdoutSink {
+    pub fn new(lines: LineFormat) -> Self {
+        Self { lines, out: tokio::io::stdout() }
+    }
+}
+
+#[async_trait]
+impl Sink for StdoutSink {
+    async fn deliver(&mut self, rows: &[JournalRow]) -> Result<Option<FilePos>, SinkError> {
+        let mut buf = String::with_capacity(rows.iter().map(|r| r.body.len() + 1).sum());
+        for r in rows {
+            self.lines.push_line(r, &mut buf);
+        }
+        self.out.write_all(buf.as_bytes()).await.map_err(|e| SinkError::Retryable(format!("writing to stdout: {e}")))?;
+        self.out.flush().await.map_err(|e| SinkError::Retryable(format!("flushing stdout: {e}")))?;
+        Ok(None)
+    }
+}

@@ -1,0 +1,752 @@
+//! The store: the single owner of durable state, in one SQLite file (WAL,
+//! `synchronous = FULL`, mode 0600).
+//!
+//! - `streams`: per stream the watermark (newest `createdAt` stored), the
+//!   end of the last completed window, and the last poll's outcome.
+//! - `seen`: ids already ingested, for dedup; pruned once no later poll can
+//!   return their record.
+//! - `journal`: each new record's original JSON text, in ingest order
+//!   (`seq`, AUTOINCREMENT so numbers are never reused after a trim).
+//! - `sink_cursors`: per sink the last `seq` delivered (and, for file sinks,
+//!   the file's committed length and identity).
+//! - `dead_letters`: records a sink refused permanently, with the reason.
+//!
+//! Ingesting a page is one transaction (seen + journal), so a crash keeps
+//! all of a page or none of it. The watermark only moves in a later
+//! transaction, after the whole window is stored. This module must never be
+//! called on an async worker thread: every public async method runs its
+//! SQLite work on the blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::opsera::Record;
+use crate::window::Checkpoint;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` is the count applied.
+/// Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema
+    "CREATE TABLE streams(
+        name TEXT PRIMARY KEY,
+        watermark INTEGER,
+        polled_until INTEGER,
+        last_poll INTEGER,
+        last_success INTEGER,
+        last_error TEXT,
+        truncated_days INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE TABLE seen(
+        stream TEXT NOT NULL,
+        id TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        PRIMARY KEY(stream, id)
+     ) WITHOUT ROWID;
+     CREATE INDEX seen_by_created ON seen(stream, created);
+     CREATE TABLE journal(
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream TEXT NOT NULL,
+        id TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        body TEXT NOT NULL
+     );
+     CREATE TABLE sink_cursors(
+        sink TEXT PRIMARY KEY,
+        delivered_seq INTEGER NOT NULL,
+        file_dev INTEGER,
+        file_ino INTEGER,
+        file_offset INTEGER,
+        updated INTEGER
+     );
+     CREATE TABLE dead_letters(
+        id INTEGER PRIMARY KEY,
+        sink TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        record_id TEXT NOT NULL,
+        body TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at INTEGER NOT NULL
+     );",
+];
+
+/// A store failure. Messages name the database file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state database {path}: {source}")]
+    Sqlite { path: String, source: rusqlite::Error },
+    #[error("state database {path}: {message}")]
+    Other { path: String, message: String },
+}
+
+/// One journal row as a sink sees it.
+#[derive(Debug, Clone)]
+pub struct JournalRow {
+    pub seq: i64,
+    pub stream: String,
+    pub id: String,
+    pub created: i64,
+    pub body: String,
+}
+
+/// Where a file sink's committed output ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FilePos {
+    pub dev: u64,
+    pub ino: u64,
+    pub offset: u64,
+}
+
+/// A sink's delivery position.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SinkCursor {
+    pub delivered_seq: i64,
+    pub file: Option<FilePos>,
+}
+
+/// What ingesting a page did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestStats {
+    pub new: u64,
+    pub duplicate: u64,
+    /// Newest `createdAt` in the page, duplicates included.
+    pub max_created: Option<i64>,
+}
+
+/// A batch read for one sink.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Rows for the sink's streams, in order.
+    pub rows: Vec<JournalRow>,
+    /// The last `seq` scanned (rows of other streams included); the cursor
+    /// moves here once `rows` are delivered.
+    pub last_seq: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamStatus {
+    pub name: String,
+    pub watermark: Option<String>,
+    pub polled_until: Option<String>,
+    pub last_poll: Option<String>,
+    pub last_success: Option<String>,
+    pub last_error: Option<String>,
+    pub truncated_days: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SinkStatus {
+    pub name: String,
+    pub delivered_seq: i64,
+    /// Records in the journal after the cursor (all streams).
+    pub lag_records: i64,
+    pub dead_letters: i64,
+    pub last_delivery: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub path: String,
+    pub schema_version: i64,
+    pub journal_records: i64,
+    pub journal_bytes: i64,
+    pub streams: Vec<StreamStatus>,
+    pub sinks: Vec<SinkStatus>,
+}
+
+struct Inner {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    journal_records: AtomicU64,
+    journal_bytes: AtomicU64,
+    /// Sinks whose cursors hold back journal trimming.
+    active_sinks: Mutex<Vec<String>>,
+    /// Woken when the journal grows.
+    grew: tokio::sync::Notify,
+    /// Woken when the journal shrinks.
+    shrank: tokio::sync::Notify,
+}
+
+/// Handle to the state database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl Store {
+    /// Open (creating if needed) the state database at `path`, applying migrations.
+    /// Blocking: call before the runtime is busy, or from `spawn_blocking`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let err = |message: String| StoreError::Other { path: path.display().to_string(), message };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir).map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
+        }
+        create_private_file(path).map_err(|e| err(format!("cannot create the file: {e}")))?;
+        let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
+        let mut conn = Connection::open(path).map_err(sq)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sq)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(sq)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(err(format!("could not switch to WAL mode (got {mode}); is the file on a network filesystem?")));
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;").map_err(sq)?;
+        migrate(&mut conn, path)?;
+        let (records, bytes): (i64, i64) = conn
+            .query_row("SELECT count(*), coalesce(sum(octet_length(body)), 0) FROM journal", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(sq)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                conn: Mutex::new(conn),
+                journal_records: AtomicU64::new(records as u64),
+                journal_bytes: AtomicU64::new(bytes as u64),
+                active_sinks: Mutex::new(Vec::new()),
+                grew: tokio::sync::Notify::new(),
+                shrank: tokio::sync::Notify::new(),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Records and bytes in the journal now.
+    pub fn backlog(&self) -> (u64, u64) {
+        (self.inner.journal_records.load(Ordering::Relaxed), self.inner.journal_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Resolves the next time the journal grows (`enable` it before
+    /// checking, so a growth in between is not missed).
+    pub fn journal_grew(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.grew.notified()
+    }
+
+    /// Resolves the next time the journal shrinks.
+    pub fn journal_shrank(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.shrank.notified()
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner, &mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = lock(&inner.conn);
+            f(&inner, &mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Other { path: self.inner.path.display().to_string(), message: format!("store task failed: {e}") })?
+    }
+
+    /// Make these the sinks that hold back trimming; a sink seen for the
+    /// first time starts after everything already journaled (it receives
+    /// only records ingested from now on), except on a fresh database.
+    pub async fn register_sinks(&self, names: Vec<String>) -> Result<(), StoreError> {
+        self.run(move |inner, conn| {
+            let tx = conn.transaction().map_err(|e| sq(inner, e))?;
+            let high: i64 = tx
+                .query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0)", [], |r| r.get(0))
+                .map_err(|e| sq(inner, e))?;
+            for n in &names {
+                tx.execute("INSERT OR IGNORE INTO sink_cursors(sink, delivered_seq) VALUES (?1, ?2)", params![n, high])
+                    .map_err(|e| sq(inner, e))?;
+            }
+            tx.commit().map_err(|e| sq(inner, e))?;
+            *lock(&inner.active_sinks) = names;
+            trim(inner, conn)
+        })
+        .await
+    }
+
+    /// The stream's checkpoint (empty for a stream never polled).
+    pub async fn checkpoint(&self, stream: &str) -> Result<Checkpoint, StoreError> {
+        let stream = stream.to_string();
+        self.run(move |inner, conn| {
+            conn.query_row("SELECT watermark, polled_until FROM streams WHERE name = ?1", [&stream], |r| {
+                Ok(Checkpoint { watermark: r.get(0)?, polled_until: r.get(1)? })
+            })
+            .optional()
+            .map(Option::unwrap_or_default)
+            .map_err(|e| sq(inner, e))
+        })
+        .await
+    }
+
+    /// Store a page: new ids go to `seen` and the journal, in one transaction.
+    pub async fn ingest(&self, stream: &str, records: Vec<Record>) -> Result<IngestStats, StoreError> {
+        let stream = stream.to_string();
+        let stats = self
+            .run(move |inner, conn| {
+                let mut stats = IngestStats::default();
+                let mut bytes = 0u64;
+                let tx = conn.transaction().map_err(|e| sq(inner, e))?;
+                {
+                    let mut seen = tx
+                        .prepare_cached("INSERT OR IGNORE INTO seen(stream, id, created) VALUES (?1, ?2, ?3)")
+                        .map_err(|e| sq(inner, e))?;
+                    let mut journal = tx
+                        .prepare_cached("INSERT INTO journal(stream, id, created, body) VALUES (?1, ?2, ?3, ?4)")
+                        .map_err(|e| sq(inner, e))?;
+                    for r in &records {
+                        stats.max_created = Some(stats.max_created.map_or(r.created, |m| m.max(r.created)));
+                        if seen.execute(params![stream, r.id, r.created]).map_err(|e| sq(inner, e))? == 1 {
+                            journal.execute(params![stream, r.id, r.created, r.body]).map_err(|e| sq(inner, e))?;
+                            stats.new += 1;
+                            bytes += r.body.len() as u64;
+                        } else {
+                            stats.duplicate += 1;
+                        }
+                    }
+                }
+                tx.commit().map_err(|e| sq(inner, e))?;
+                inner.journal_records.fetch_add(stats.new, Ordering::Relaxed);
+                inner.journal_bytes.fetch_add(bytes, Ordering::Relaxed);
+                Ok(stats)
+            })
+            .await?;
+        if stats.new > 0 {
+            self.inner.grew.notify_waiters();
+        }
+        Ok(stats)
+    }
+
+    /// A window is fully stored: move the watermark to the newest
+    /// `createdAt` seen (never backwards), record the window's end and a
+    /// successful poll, then forget ids older than `horizon(new checkpoint)`.
+    pub async fn complete_window<H>(
+        &self,
+        stream: &str,
+        max_created: Option<i64>,
+        polled_until: i64,
+        now: i64,
+        horizon: H,
+    ) -> Result<Checkpoint, StoreError>
+    where
+        H: FnOnce(Checkpoint) -> i64 + Send + 'static,
+    {
+        let stream = stream.to_string();
+        self.run(move |inner, conn| {
+            let tx = conn.transaction().map_err(|e| sq(inner, e))?;
+            tx.execute(
+                "INSERT INTO streams(name, watermark, polled_until, last_poll, last_success, last_error)
+                 VALUES (?1, ?2, ?3, ?4, ?4, NULL)
+                 ON CONFLICT(name) DO UPDATE SET
+                    watermark = CASE WHEN ?2 IS NULL THEN watermark
+                                     WHEN watermark IS NULL OR ?2 > watermark THEN ?2 ELSE watermark END,
+                    polled_until = CASE WHEN polled_until IS NULL OR ?3 > polled_until THEN ?3 ELSE polled_until END,
+                    last_poll = ?4, last_success = ?4, last_error = NULL",
+                params![stream, max_created, polled_until, now],
+            )
+            .map_err(|e| sq(inner, e))?;
+            let cp = tx
+                .query_row("SELECT watermark, polled_until FROM streams WHERE name = ?1", [&stream], |r| {
+                    Ok(Checkpoint { watermark: r.get(0)?, polled_until: r.get(1)? })
+                })
+                .map_err(|e| sq(inner, e))?;
+            tx.execute("DELETE FROM seen WHERE stream = ?1 AND created < ?2", params![stream, horizon(cp)])
+                .map_err(|e| sq(inner, e))?;
+            tx.commit().map_err(|e| sq(inner, e))?;
+            Ok(cp)
+        })
+        .await
+    }
+
+    /// Record a failed poll (the checkpoint does not move).
+    pub async fn record_poll_error(&self, stream: &str, now: i64, error: String) -> Result<(), StoreError> {
+        let stream = stream.to_string();
+        self.run(move |inner, conn| {
+            conn.execute(
+                "INSERT INTO streams(name, last_poll, last_error) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET last_poll = ?2, last_error = ?3",
+                params![stream, now, error],
+            )
+            .map(|_| ())
+            .map_err(|e| sq(inner, e))
+        })
+        .await
+    }
+
+    /// Count a v1 day that came back at the record cap.
+    pub async fn count_truncated_day(&self, stream: &str) -> Result<(), StoreError> {
+        let stream = stream.to_string();
+        self.run(move |inner, conn| {
+            conn.execute(
+                "INSERT INTO streams(name, truncated_days) VALUES (?1, 1)
+                 ON CONFLICT(name) DO UPDATE SET truncated_days = truncated_days + 1",
+                [stream],
+            )
+            .map(|_| ())
+            .map_err(|e| sq(inner, e))
+        })
+        .await
+    }
+
+    /// The sink's position.
+    pub async fn sink_cursor(&self, sink: &str) -> Result<SinkCursor, StoreError> {
+        let sink = sink.to_string();
+        self.run(move |inner, conn| {
+            conn.query_row(
+                "SELECT delivered_seq, file_dev, file_ino, file_offset FROM sink_cursors WHERE sink = ?1",
+                [&sink],
+                |r| {
+                    let dev: Option<i64> = r.get(1)?;
+                    let ino: Option<i64> = r.get(2)?;
+                    let off: Option<i64> = r.get(3)?;
+                    let file = match (dev, ino, off) {
+                        (Some(d), Some(i), Some(o)) => Some(FilePos { dev: d as u64, ino: i as u64, offset: o as u64 }),
+                        _ => None,
+                    };
+                    Ok(SinkCursor { delivered_seq: r.get(0)?, file })
+                },
+            )
+            .optional()
+            .map(Option::unwrap_or_default)
+            .map_err(|e| sq(inner, e))
+        })
+        .await
+    }
+
+    /// Up to `limit` rows (and about `max_bytes`) after `after`, keeping only `streams`.
+    pub async fn read_batch(
+        &self,
+        after: i64,
+        streams: Arc<[String]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Batch, StoreError> {
+        self.run(move |inner, conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT seq, stream, id, created, body FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+                .map_err(|e| sq(inner, e))?;
+            let mut rows = stmt.query(params![after, limit as i64]).map_err(|e| sq(inner, e))?;
+            let mut batch = Batch { rows: Vec::new(), last_seq: after };
+            let mut bytes = 0usize;
+            while let Some(r) = rows.next().map_err(|e| sq(inner, e))? {
+                let seq: i64 = r.get(0).map_err(|e| sq(inner, e))?;
+                let stream: String = r.get(1).map_err(|e| sq(inner, e))?;
+                if streams.iter().any(|s| *s == stream) {
+                    let body: String = r.get(4).map_err(|e| sq(inner, e))?;
+                    bytes += body.len();
+                    batch.rows.push(JournalRow {
+                        seq,
+                        stream,
+                        id: r.get(2).map_err(|e| sq(inner, e))?,
+                        created: r.get(3).map_err(|e| sq(inner, e))?,
+                        body,
+                    });
+                }
+                batch.last_seq = seq;
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok(batch)
+        })
+        .await
+    }
+
+    /// The highest `seq` ever journaled.
+    pub async fn high_seq(&self) -> Result<i64, StoreError> {
+        self.run(|inner, conn| {
+            conn.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0)", [], |r| r.get(0))
+                .map_err(|e| sq(inner, e))
+        })
+        .await
+    }
+
+    /// A batch is delivered: move the sink's cursor (and file position) and trim the journal.
+    pub async fn commit_cursor(&self, sink: &str, seq: i64, file: Option<FilePos>, now: i64) -> Result<(), StoreError> {
+        let sink = sink.to_string();
+        let trimmed = self
+            .run(move |inner, conn| {
+                conn.execute(
+                    "INSERT INTO sink_cursors(sink, delivered_seq, file_dev, file_ino, file_offset, updated)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(sink) DO UPDATE SET delivered_seq = ?2, file_dev = ?3, file_ino = ?4,
+                        file_offset = ?5, updated = ?6",
+                    params![
+                        sink,
+                        seq,
+                        file.map(|f| f.dev as i64),
+                        file.map(|f| f.ino as i64),
+                        file.map(|f| f.offset as i64),
+                        now
+                    ],
+                )
+                .map_err(|e| sq(inner, e))?;
+                trim(inner, conn)
+            })
+            .await;
+        self.inner.shrank.notify_waiters();
+        trimmed
+    }
+
+    /// Keep a record that `sink` refused permanently.
+    pub async fn dead_letter(&self, sink: &str, row: JournalRow, reason: String, now: i64) -> Result<(), StoreError> {
+        let sink = sink.to_string();
+        self.run(move |inner, conn| {
+            conn.execute(
+                "INSERT INTO dead_letters(sink, seq, stream, record_id, body, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![sink, row.seq, row.stream, row.id, row.body, reason, now],
+            )
+            .map(|_| ())
+            .map_err(|e| sq(inner, e))
+        })
+        .await
+    }
+
+    /// Point a stream back to `since` (or to its initial lookback when `None`),
+    /// forgetting the ids of records from then on so they are delivered again.
+    pub async fn reset_stream(&self, stream: &str, since: Option<i64>) -> Result<(), StoreError> {
+        let stream = stream.to_string();
+        self.run(move |inner, conn| {
+            let tx = conn.transaction().map_err(|e| sq(inner, e))?;
+            tx.execute(
+                "INSERT INTO streams(name, watermark, polled_until) VALUES (?1, ?2, ?2)
+                 ON CONFLICT(name) DO UPDATE SET watermark = ?2, polled_until = ?2, last_error = NULL",
+                params![stream, since],
+            )
+            .map_err(|e| sq(inner, e))?;
+            tx.execute("DELETE FROM seen WHERE stream = ?1 AND created >= ?2", params![stream, since.unwrap_or(i64::MIN)])
+                .map_err(|e| sq(inner, e))?;
+            tx.commit().map_err(|e| sq(inner, e))
+        })
+        .await
+    }
+
+    /// Everything `status` shows.
+    pub async fn status(&self, sinks: Vec<String>) -> Result<Status, StoreError> {
+        self.run(move |inner, conn| {
+            let q = |e| sq(inner, e);
+            let schema_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(q)?;
+            let (journal_records, journal_bytes): (i64, i64) = conn
+                .query_row("SELECT count(*), coalesce(sum(octet_length(body)), 0) FROM journal", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(q)?;
+            let mut stmt = conn
+                .prepare(
+                    "SELECT name, watermark, polled_until, last_poll, last_success, last_error, truncated_days
+                     FROM streams ORDER BY name",
+                )
+                .map_err(q)?;
+            let t = |v: Option<i64>| v.map(crate::window::fmt_rfc3339);
+            let streams = stmt
+                .query_map([], |r| {
+                    Ok(StreamStatus {
+                        name: r.get(0)?,
+                        watermark: t(r.get(1)?),
+                        polled_until: t(r.get(2)?),
+                        last_poll: t(r.get(3)?),
+                        last_success: t(r.get(4)?),
+                        last_error: r.get(5)?,
+                        truncated_days: r.get(6)?,
+                    })
+                })
+                .map_err(q)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(q)?;
+            let mut out = Vec::new();
+            for name in sinks {
+                let (seq, updated): (i64, Option<i64>) = conn
+                    .query_row("SELECT delivered_seq, updated FROM sink_cursors WHERE sink = ?1", [&name], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()
+                    .map_err(q)?
+                    .unwrap_or((0, None));
+                let lag: i64 =
+                    conn.query_row("SELECT count(*) FROM journal WHERE seq > ?1", [seq], |r| r.get(0)).map_err(q)?;
+                let dead: i64 = conn
+                    .query_row("SELECT count(*) FROM dead_letters WHERE sink = ?1", [&name], |r| r.get(0))
+                    .map_err(q)?;
+                out.push(SinkStatus {
+                    name,
+                    delivered_seq: seq,
+                    lag_records: lag,
+                    dead_letters: dead,
+                    last_delivery: t(updated),
+                });
+            }
+            Ok(Status {
+                path: inner.path.display().to_string(),
+                schema_version,
+                journal_records,
+                journal_bytes,
+                streams,
+                sinks: out,
+            })
+        })
+        .await
+    }
+
+    /// `PRAGMA integrity_check`: "ok" when the database is sound.
+    pub async fn integrity_check(&self) -> Result<String, StoreError> {
+        self.run(|inner, conn| conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| sq(inner, e)))
+            .await
+    }
+}
+
+/// Delete journal rows every active sink has passed.
+fn trim(inner: &Inner, conn: &mut Connection) -> Result<(), StoreError> {
+    let sinks = lock(&inner.active_sinks).clone();
+    if sinks.is_empty() {
+        return Ok(());
+    }
+    let placeholders = vec!["?"; sinks.len()].join(",");
+    let min: Option<i64> = conn
+        .query_row(
+            &format!("SELECT min(delivered_seq) FROM sink_cursors WHERE sink IN ({placeholders})"),
+            rusqlite::params_from_iter(sinks.iter()),
+            |r| r.get(0),
+        )
+        .map_err(|e| sq(inner, e))?;
+    let Some(min) = min else { return Ok(()) };
+    let tx = conn.transaction().map_err(|e| sq(inner, e))?;
+    let (n, bytes): (i64, i64) = tx
+        .query_row(
+            "SELECT count(*), coalesce(sum(octet_length(body)), 0) FROM journal WHERE seq <= ?1",
+            [min],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(|e| sq(inner, e))?;
+    if n == 0 {
+        return Ok(());
+    }
+    tx.execute("DELETE FROM journal WHERE seq <= ?1", [min]).map_err(|e| sq(inner, e))?;
+    tx.commit().map_err(|e| sq(inner, e))?;
+    inner.journal_records.fetch_sub(n as u64, Ordering::Relaxed);
+    inner.journal_bytes.fetch_sub(bytes as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
+    let tx = conn.transaction().map_err(sq)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sq)?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Other {
+            path: path.display().to_string(),
+            message: format!(
+                "written by a newer opsera-shipper (schema version {version}, this build knows up to {known}); \
+                 refusing to touch it: run the newer version, or point state.path elsewhere"
+            ),
+        });
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(m).map_err(sq)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(sq)?;
+    }
+    tx.commit().map_err(sq)
+}
+
+fn sq(inner: &Inner, source: rusqlite::Error) -> StoreError {
+    StoreError::Sqlite { path: inner.path.display().to_string(), source }
+}
+
+/// Lock a mutex, recovering from poisoning (a panicked holder leaves SQLite consistent).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)
+}
+
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    fn rec(id: &str, created: i64) -> Record {
+        Record { id: id.into(), created, body: format!(r#"{{"_id":"{id}","createdAt":"x"}}"#) }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn file_is_private_and_newer_schema_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/state.db");
+        drop(Store::open(&p).unwrap());
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let c = Connection::open(&p).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+        drop(c);
+        let before = std::fs::read(&p).unwrap();
+        let e = Store::open(&p).err().unwrap().to_string();
+        assert!(e.contains("newer opsera-shipper") && e.contains("state.db"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), before);
+    }
+
+    #[test]
+    fn journal_seq_is_never_reused_after_trim() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(&dir.path().join("s.db")).unwrap();
+            s.register_sinks(vec!["a".into()]).await.unwrap();
+            s.ingest("u", vec![rec("1", 1), rec("2", 2)]).await.unwrap();
+            s.commit_cursor("a", 2, None, 0).await.unwrap();
+            assert_eq!(s.backlog().0, 0);
+            s.ingest("u", vec![rec("3", 3)]).await.unwrap();
+            let b = s.read_batch(2, Arc::from(vec!["u".to_string()]), 10, 1 << 20).await.unwrap();
+            assert_eq!(b.rows.len(), 1);
+            assert_eq!(b.rows[0].seq, 3);
+        });
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Ingesting pages with repeats journals each id exactly once, in first-seen order.
+        #[test]
+        fn dedup_matches_a_set_model(pages in prop::collection::vec(prop::collection::vec(0u8..40, 0..30), 1..8)) {
+            rt().block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let s = Store::open(&dir.path().join("s.db")).unwrap();
+                s.register_sinks(vec!["a".into()]).await.unwrap();
+                let mut model = BTreeSet::new();
+                let mut order = Vec::new();
+                for page in &pages {
+                    let recs: Vec<Record> = page.iter().map(|i| rec(&format!("{i:024x}"), *i as i64)).collect();
+                    let stats = s.ingest("u", recs).await.unwrap();
+                    let mut new = 0;
+                    for i in page {
+                        if model.insert(*i) { order.push(format!("{i:024x}")); new += 1; }
+                    }
+                    assert_eq!(stats.new, new);
+                    assert_eq!(stats.new + stats.duplicate, page.len() as u64);
+                }
+                let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 10_000, usize::MAX).await.unwrap();
+                let got: Vec<String> = b.rows.into_iter().map(|r| r.id).collect();
+                assert_eq!(got, order);
+            });
+        }
+    }
+}
