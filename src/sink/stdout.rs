@@ -15,7 +15,10 @@ pub struct StdoutSink {
 
 impl StdoutSink {
     pub fn new(lines: LineFormat) -> Self {
-        Self { lines, out: tokio::io::stdout() }
+        Self {
+            lines,
+            out: tokio::io::stdout(),
+        }
     }
 }
 
@@ -26,8 +29,14 @@ impl Sink for StdoutSink {
         for r in rows {
             self.lines.push_line(r, &mut buf);
         }
-        self.out.write_all(buf.as_bytes()).await.map_err(|e| SinkError::Retryable(format!("writing to stdout: {e}")))?;
-        self.out.flush().await.map_err(|e| SinkError::Retryable(format!("flushing stdout: {e}")))?;
+        self.out
+            .write_all(buf.as_bytes())
+            .await
+            .map_err(|e| SinkError::Retryable(format!("writing to stdout: {e}")))?;
+        self.out
+            .flush()
+            .await
+            .map_err(|e| SinkError::Retryable(format!("flushing stdout: {e}")))?;
         Ok(None)
     }
 }

@@ -1,0 +1,176 @@
+//! Test harness: the simulated Opsera API in-process on loopback, a temp
+//! directory with a config, a real SQLite state file and a real output
+//! file, and the real `opsera-shipper` binary run against them.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use opsera_shipper::simulator::{SimOptions, Simulator};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_opsera-shipper");
+pub const MINUTE: i64 = 60_000;
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub sim: Simulator,
+}
+
+impl Harness {
+    pub async fn new(opts: SimOptions) -> Harness {
+        let sim = Simulator::start(opts).await.expect("start simulator");
+        Harness {
+            dir: tempfile::tempdir().expect("tempdir"),
+            sim,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn out(&self) -> PathBuf {
+        self.path("out/audit.jsonl")
+    }
+
+    /// A config pointing at the simulator, a state db and a file sink in the temp dir,
+    /// plus `extra` TOML appended (later tables win over nothing: keep keys distinct).
+    pub fn config(&self, extra: &str) -> PathBuf {
+        self.config_with(&format!(
+            "[sinks.archive]\ntype = \"file\"\npath = {:?}\n{extra}",
+            self.out().display().to_string()
+        ))
+    }
+
+    /// A config with the [api] and [state] sections filled in and `rest` appended.
+    pub fn config_with(&self, rest: &str) -> PathBuf {
+        let text = format!(
+            "[api]\nbase_url = {:?}\ntoken = {:?}\ntimeout = \"5s\"\n\n[state]\npath = {:?}\n\n{rest}\n",
+            self.sim.base_url(),
+            self.sim.token(),
+            self.path("state.db").display().to_string(),
+        );
+        let p = self.path("config.toml");
+        std::fs::write(&p, text).expect("write config");
+        p
+    }
+
+    pub async fn run(&self, args: &[&str]) -> Output {
+        run_bin(args, &[]).await
+    }
+
+    /// Lines of the output file (empty when it does not exist).
+    pub fn lines(&self) -> Vec<String> {
+        read_lines(&self.out())
+    }
+
+    /// Every record the simulator holds, as id → compact JSON text.
+    pub fn served(&self) -> HashMap<String, String> {
+        self.sim
+            .user_records()
+            .into_iter()
+            .chain(self.sim.token_records())
+            .collect()
+    }
+
+    /// Assert the output holds every served record exactly once, byte for byte.
+    pub fn assert_exactly_once(&self) {
+        assert_exactly_once(&self.lines(), &self.served());
+    }
+}
+
+pub fn read_lines(p: &Path) -> Vec<String> {
+    match std::fs::read_to_string(p) {
+        Ok(t) => {
+            assert!(
+                t.is_empty() || t.ends_with('\n'),
+                "output ends with a torn line"
+            );
+            t.lines().map(String::from).collect()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+pub fn id_of(line: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("output line is not JSON ({e}): {line}"));
+    v["_id"].as_str().expect("_id").to_string()
+}
+
+pub fn assert_exactly_once(lines: &[String], served: &HashMap<String, String>) {
+    let mut seen = HashMap::new();
+    for l in lines {
+        let id = id_of(l);
+        *seen.entry(id.clone()).or_insert(0) += 1;
+        let want = served
+            .get(&id)
+            .unwrap_or_else(|| panic!("output has a record the server never served: {id}"));
+        assert_eq!(l, want, "record {id} was changed on the way");
+    }
+    let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dups.is_empty(), "records written more than once: {dups:?}");
+    let missing: Vec<_> = served.keys().filter(|id| !seen.contains_key(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} served records missing from the output, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+}
+
+pub async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(args).stdin(Stdio::null()).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("opsera-shipper did not finish within 120s")
+        .expect("run opsera-shipper")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Wait (bounded) until `f` holds.
+pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+pub fn opts(user: usize, tokens: usize) -> SimOptions {
+    SimOptions {
+        user_backlog: user,
+        token_backlog: tokens,
+        ..SimOptions::default()
+    }
+}
+
+/// `status --json` of the harness's config.
+pub async fn status_json(h: &Harness, cfg: &Path) -> serde_json::Value {
+    let o = h
+        .run(&["status", "--json", "--config", cfg.to_str().unwrap()])
+        .await;
+    assert!(o.status.success(), "status failed: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).expect("status --json is JSON")
+}
+
+pub fn watermark(status: &serde_json::Value, stream: &str) -> Option<String> {
+    status["streams"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == stream)?
+        .get("watermark")?
+        .as_str()
+        .map(String::from)
+}
