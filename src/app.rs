@@ -75,10 +75,7 @@ impl Pipeline {
     async fn build(cfg: Config) -> Result<Self, AppError> {
         let store = open_store(&cfg.state.path).await?;
         let token = cfg.api.token.clone().ok_or_else(|| {
-            AppError::Config(ConfigError {
-                file: cfg.source.display().to_string(),
-                message: "no API token".into(),
-            })
+            AppError::Config(ConfigError { file: cfg.source.display().to_string(), message: "no API token".into() })
         })?;
         let client = Client::new(&cfg.api, token).map_err(|e| {
             AppError::Config(ConfigError {
@@ -90,10 +87,8 @@ impl Pipeline {
     }
 
     fn pollers(&self) -> Vec<Poller> {
-        let limits = Limits {
-            max_records: self.cfg.state.max_buffered_records,
-            max_bytes: self.cfg.state.max_buffered_bytes,
-        };
+        let limits =
+            Limits { max_records: self.cfg.state.max_buffered_records, max_bytes: self.cfg.state.max_buffered_bytes };
         self.cfg
             .enabled_streams()
             .map(|s| Poller::new(s.clone(), self.client.clone(), self.store.clone(), limits))
@@ -101,23 +96,14 @@ impl Pipeline {
     }
 
     async fn dispatchers(&self) -> Result<Vec<Dispatcher>, AppError> {
-        self.store
-            .register_sinks(self.cfg.sinks.iter().map(|s| s.name.clone()).collect())
-            .await?;
+        self.store.register_sinks(self.cfg.sinks.iter().map(|s| s.name.clone()).collect()).await?;
         let mut out = Vec::new();
         for s in &self.cfg.sinks {
             let cur = self.store.sink_cursor(&s.name).await?;
-            let built = sink::build(s, cur.file).await.map_err(|e| AppError::Sink {
-                sink: s.name.clone(),
-                message: e.to_string(),
-            })?;
-            out.push(Dispatcher::new(
-                s.name.clone(),
-                s.streams.clone(),
-                self.store.clone(),
-                built,
-                cur.delivered_seq,
-            ));
+            let built = sink::build(s, cur.file)
+                .await
+                .map_err(|e| AppError::Sink { sink: s.name.clone(), message: e.to_string() })?;
+            out.push(Dispatcher::new(s.name.clone(), s.streams.clone(), self.store.clone(), built, cur.delivered_seq));
         }
         Ok(out)
     }
@@ -142,12 +128,7 @@ pub async fn once(cfg: Config, sink_timeout: Duration) -> Result<u8, AppError> {
     let handles: Vec<(String, JoinHandle<Result<Exit, StoreError>>)> = dispatchers
         .into_iter()
         .zip(p.cfg.sinks.iter())
-        .map(|(d, s)| {
-            (
-                s.name.clone(),
-                tokio::spawn(d.run(cancel.clone(), drain_rx.clone(), reopen_rx.clone())),
-            )
-        })
+        .map(|(d, s)| (s.name.clone(), tokio::spawn(d.run(cancel.clone(), drain_rx.clone(), reopen_rx.clone()))))
         .collect();
 
     let polls = futures_util::future::join_all(p.pollers().into_iter().map(|poller| {
@@ -160,9 +141,7 @@ pub async fn once(cfg: Config, sink_timeout: Duration) -> Result<u8, AppError> {
                 && !matches!(e, PollError::Cancelled)
             {
                 error!(stream = %name, error = %e, "Poll failed.");
-                let _ = store
-                    .record_poll_error(&name, window::now_ms(), e.to_string())
-                    .await;
+                let _ = store.record_poll_error(&name, window::now_ms(), e.to_string()).await;
             }
             r
         }
@@ -195,9 +174,7 @@ pub async fn once(cfg: Config, sink_timeout: Duration) -> Result<u8, AppError> {
             }
             Some(Ok(Err(e))) => return Err(e.into()),
             Some(Err(e)) => {
-                return Err(AppError::Other(anyhow::anyhow!(
-                    "sink {name} task failed: {e}"
-                )));
+                return Err(AppError::Other(anyhow::anyhow!("sink {name} task failed: {e}")));
             }
             None => {
                 cancel.cancel();
@@ -248,13 +225,8 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<u8, AppError> {
     );
     stop.cancelled().await;
     info!(timeout = %humantime::format_duration(shutdown_timeout), "Shutting down: polling stopped, finishing batches in flight.");
-    if tokio::time::timeout(shutdown_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            "Shutdown timeout reached; batches still in flight are delivered again on the next start."
-        );
+    if tokio::time::timeout(shutdown_timeout, tracker.wait()).await.is_err() {
+        warn!("Shutdown timeout reached; batches still in flight are delivered again on the next start.");
     }
     info!("Stopped.");
     Ok(exit::OK)
@@ -298,12 +270,8 @@ fn spawn_signal_handler(stop: CancellationToken, reopen: Option<watch::Sender<u6
 
 /// `demo`: the real pipeline against the simulated API, into `dir`.
 pub async fn demo(dir: PathBuf, duration: Option<Duration>) -> Result<u8, AppError> {
-    std::fs::create_dir_all(&dir).map_err(|e| {
-        AppError::Other(anyhow::anyhow!(
-            "cannot create demo directory {}: {e}",
-            dir.display()
-        ))
-    })?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| AppError::Other(anyhow::anyhow!("cannot create demo directory {}: {e}", dir.display())))?;
     let dir = dir.canonicalize().unwrap_or(dir);
     let sim = Simulator::start(SimOptions {
         user_backlog: 2500,
@@ -318,14 +286,8 @@ pub async fn demo(dir: PathBuf, duration: Option<Duration>) -> Result<u8, AppErr
     let env: HashMap<String, String> = [
         ("OPSERA_SHIPPER__API__BASE_URL", sim.base_url()),
         ("OPSERA_SHIPPER__API__TOKEN", sim.token().to_string()),
-        (
-            "OPSERA_SHIPPER__STATE__PATH",
-            dir.join("state.db").display().to_string(),
-        ),
-        (
-            "OPSERA_SHIPPER__SINKS__ARCHIVE__PATH",
-            out.display().to_string(),
-        ),
+        ("OPSERA_SHIPPER__STATE__PATH", dir.join("state.db").display().to_string()),
+        ("OPSERA_SHIPPER__SINKS__ARCHIVE__PATH", out.display().to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -333,10 +295,7 @@ pub async fn demo(dir: PathBuf, duration: Option<Duration>) -> Result<u8, AppErr
     let cfg = config::load_str(
         DEMO_TOML,
         Path::new("config/demo.toml"),
-        &LoadOptions {
-            require_token: true,
-            env: Some(env),
-        },
+        &LoadOptions { require_token: true, env: Some(env) },
     )?;
     info!(
         api = %sim.base_url(),
@@ -355,9 +314,7 @@ pub async fn demo(dir: PathBuf, duration: Option<Duration>) -> Result<u8, AppErr
     }
     let code = run(cfg, stop).await?;
     sim.shutdown();
-    let lines = std::fs::read_to_string(&out)
-        .map(|t| t.lines().count())
-        .unwrap_or(0);
+    let lines = std::fs::read_to_string(&out).map(|t| t.lines().count()).unwrap_or(0);
     eprintln!(
         "\nDemo finished: {lines} audit records in {} (one JSON object per line). Try:\n  tail -n 3 {}\n",
         out.display(),
@@ -383,14 +340,9 @@ pub async fn status(cfg: Config, json: bool) -> Result<u8, AppError> {
         return Ok(exit::OK);
     }
     let store = open_store(&cfg.state.path).await?;
-    let st = store
-        .status(cfg.sinks.iter().map(|s| s.name.clone()).collect())
-        .await?;
+    let st = store.status(cfg.sinks.iter().map(|s| s.name.clone()).collect()).await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&st).map_err(|e| AppError::Other(e.into()))?
-        );
+        println!("{}", serde_json::to_string_pretty(&st).map_err(|e| AppError::Other(e.into()))?);
         return Ok(exit::OK);
     }
     println!(
@@ -398,10 +350,7 @@ pub async fn status(cfg: Config, json: bool) -> Result<u8, AppError> {
         st.path, st.schema_version, st.journal_records, st.journal_bytes
     );
     println!();
-    println!(
-        "{:<16} {:<26} {:<26} {:<9} LAST ERROR",
-        "STREAM", "WATERMARK", "LAST SUCCESS", "TRUNC."
-    );
+    println!("{:<16} {:<26} {:<26} {:<9} LAST ERROR", "STREAM", "WATERMARK", "LAST SUCCESS", "TRUNC.");
     for s in cfg.streams.iter() {
         let row = st.streams.iter().find(|r| r.name == s.name);
         let dash = || "-".to_string();
@@ -410,18 +359,14 @@ pub async fn status(cfg: Config, json: bool) -> Result<u8, AppError> {
             "{:<16} {:<26} {:<26} {:<9} {}{}",
             s.name,
             row.and_then(|r| r.watermark.clone()).unwrap_or_else(dash),
-            row.and_then(|r| r.last_success.clone())
-                .unwrap_or_else(dash),
+            row.and_then(|r| r.last_success.clone()).unwrap_or_else(dash),
             row.map(|r| r.truncated_days).unwrap_or(0),
             row.and_then(|r| r.last_error.clone()).unwrap_or_else(dash),
             enabled
         );
     }
     println!();
-    println!(
-        "{:<16} {:<14} {:<12} {:<13} LAST DELIVERY",
-        "SINK", "DELIVERED SEQ", "LAG", "DEAD LETTERS"
-    );
+    println!("{:<16} {:<14} {:<12} {:<13} LAST DELIVERY", "SINK", "DELIVERED SEQ", "LAG", "DEAD LETTERS");
     for s in &st.sinks {
         println!(
             "{:<16} {:<14} {:<12} {:<13} {}",
@@ -446,7 +391,9 @@ pub async fn reset(cfg: Config, stream: &str, since: Option<&str>) -> Result<u8,
     let since_ms = match since {
         None => None,
         Some(s) => Some(window::parse_since(s, window::now_ms()).ok_or_else(|| {
-            AppError::Usage(format!("--since '{s}' is not a time: use RFC 3339, YYYY-MM-DD, or a duration ago such as 2d"))
+            AppError::Usage(format!(
+                "--since '{s}' is not a time: use RFC 3339, YYYY-MM-DD, or a duration ago such as 2d"
+            ))
         })?),
     };
     let store = open_store(&cfg.state.path).await?;

@@ -34,10 +34,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(file: &Path, message: impl Into<String>) -> Self {
-        Self {
-            file: file.display().to_string(),
-            message: message.into(),
-        }
+        Self { file: file.display().to_string(), message: message.into() }
     }
 }
 
@@ -305,8 +302,8 @@ pub struct LoadOptions {
 
 /// Read, overlay and validate the config file at `path`.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(path, format!("cannot read config file: {e}")))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigError::new(path, format!("cannot read config file: {e}")))?;
     load_str(&text, path, opts)
 }
 
@@ -338,10 +335,7 @@ pub fn load_str(text: &str, path: &Path, opts: &LoadOptions) -> Result<Config, C
 /// to be overridden from the environment must be lower-case.
 fn env_overlay(env: &HashMap<String, String>) -> HashMap<String, String> {
     let prefix = format!("{ENV_PREFIX}__");
-    env.iter()
-        .filter(|(k, v)| k.starts_with(&prefix) && !v.is_empty())
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+    env.iter().filter(|(k, v)| k.starts_with(&prefix) && !v.is_empty()).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 fn describe_config_error(e: config::ConfigError) -> String {
@@ -349,9 +343,7 @@ fn describe_config_error(e: config::ConfigError) -> String {
     // keep them, and say how to fix the usual one.
     let msg = e.to_string();
     if msg.contains("unknown field") {
-        format!(
-            "{msg} (unknown keys are errors: check the spelling against config/opsera-shipper.toml)"
-        )
+        format!("{msg} (unknown keys are errors: check the spelling against config/opsera-shipper.toml)")
     } else {
         msg
     }
@@ -368,11 +360,8 @@ fn validate(
 
     // [api]
     let allow_insecure_http = raw.api.allow_insecure_http.unwrap_or(false);
-    let base_url = validate_base_url(
-        raw.api.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL),
-        allow_insecure_http,
-    )
-    .map_err(|m| err(format!("api.base_url: {m}")))?;
+    let base_url = validate_base_url(raw.api.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL), allow_insecure_http)
+        .map_err(|m| err(format!("api.base_url: {m}")))?;
     let (token, token_source) = resolve_token(&raw.api, env).map_err(err)?;
     if token.is_none() && opts.require_token {
         return Err(err(
@@ -388,28 +377,18 @@ fn validate(
     let ca_file = raw.api.ca_file.map(|p| resolve(&base_dir, p));
     let ca_pem = match &ca_file {
         Some(p) => {
-            let pem = std::fs::read(p)
-                .map_err(|e| err(format!("api.ca_file: cannot read {}: {e}", p.display())))?;
-            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                err(format!(
-                    "api.ca_file: {} is not a PEM certificate bundle: {e}",
-                    p.display()
-                ))
-            })?;
+            let pem = std::fs::read(p).map_err(|e| err(format!("api.ca_file: cannot read {}: {e}", p.display())))?;
+            reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| err(format!("api.ca_file: {} is not a PEM certificate bundle: {e}", p.display())))?;
             Some(pem)
         }
         None => None,
     };
     if let Some(proxy) = &raw.api.proxy {
-        reqwest::Proxy::all(proxy.as_str())
-            .map_err(|e| err(format!("api.proxy: invalid proxy URL: {e}")))?;
+        reqwest::Proxy::all(proxy.as_str()).map_err(|e| err(format!("api.proxy: invalid proxy URL: {e}")))?;
     }
-    let max_response_bytes = bytes_key(
-        "api.max_response_bytes",
-        raw.api.max_response_bytes.as_deref(),
-        "64MiB",
-    )
-    .map_err(&err)?;
+    let max_response_bytes =
+        bytes_key("api.max_response_bytes", raw.api.max_response_bytes.as_deref(), "64MiB").map_err(&err)?;
     if max_response_bytes < 1024 {
         return Err(err("api.max_response_bytes: must be at least 1KiB".into()));
     }
@@ -421,35 +400,20 @@ fn validate(
 
     // [state]
     let state = StateConfig {
-        path: resolve(
-            &base_dir,
-            raw.state
-                .path
-                .unwrap_or_else(|| PathBuf::from("/var/lib/opsera-shipper/state.db")),
-        ),
+        path: resolve(&base_dir, raw.state.path.unwrap_or_else(|| PathBuf::from("/var/lib/opsera-shipper/state.db"))),
         max_buffered_records: raw.state.max_buffered_records.unwrap_or(1_000_000),
-        max_buffered_bytes: bytes_key(
-            "state.max_buffered_bytes",
-            raw.state.max_buffered_bytes.as_deref(),
-            "1GiB",
-        )
-        .map_err(&err)?,
+        max_buffered_bytes: bytes_key("state.max_buffered_bytes", raw.state.max_buffered_bytes.as_deref(), "1GiB")
+            .map_err(&err)?,
     };
     if state.max_buffered_records == 0 || state.max_buffered_bytes == 0 {
-        return Err(err(
-            "state.max_buffered_records and state.max_buffered_bytes must be greater than zero"
-                .into(),
-        ));
+        return Err(err("state.max_buffered_records and state.max_buffered_bytes must be greater than zero".into()));
     }
 
     // [streams.*]
     let mut raw_streams = raw.streams;
     for name in raw_streams.keys() {
         if !KNOWN_STREAMS.contains(&name.as_str()) {
-            return Err(err(format!(
-                "streams.{name}: unknown stream; known streams are {}",
-                KNOWN_STREAMS.join(", ")
-            )));
+            return Err(err(format!("streams.{name}: unknown stream; known streams are {}", KNOWN_STREAMS.join(", "))));
         }
     }
     let mut streams = Vec::new();
@@ -458,49 +422,27 @@ fn validate(
         streams.push(validate_stream(name, rs).map_err(&err)?);
     }
     if !streams.iter().any(|s| s.enabled) {
-        return Err(err(
-            "streams: every stream is disabled; enable at least one".into(),
-        ));
+        return Err(err("streams: every stream is disabled; enable at least one".into()));
     }
 
     // [sinks.*]
     if raw.sinks.is_empty() {
-        return Err(err(
-            "sinks: no sink configured; add e.g. [sinks.archive] type = \"file\"".into(),
-        ));
+        return Err(err("sinks: no sink configured; add e.g. [sinks.archive] type = \"file\"".into()));
     }
     let mut sinks = Vec::new();
     for (name, rs) in raw.sinks {
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(err(format!(
-                "sinks.{name}: sink names may hold only letters, digits, '_' and '-'"
-            )));
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(err(format!("sinks.{name}: sink names may hold only letters, digits, '_' and '-'")));
         }
         let (streams_opt, stream_field, kind) = match rs {
             RawSink::File(f) => {
-                let p = f
-                    .path
-                    .ok_or_else(|| err(format!("sinks.{name}.path: required for a file sink")))?;
-                (
-                    f.streams,
-                    f.stream_field,
-                    SinkKind::File {
-                        path: resolve(&base_dir, p),
-                    },
-                )
+                let p = f.path.ok_or_else(|| err(format!("sinks.{name}.path: required for a file sink")))?;
+                (f.streams, f.stream_field, SinkKind::File { path: resolve(&base_dir, p) })
             }
             RawSink::Stdout(s) => (s.streams, s.stream_field, SinkKind::Stdout),
         };
         let sink_streams = match streams_opt {
-            None => streams
-                .iter()
-                .filter(|s| s.enabled)
-                .map(|s| s.name.clone())
-                .collect(),
+            None => streams.iter().filter(|s| s.enabled).map(|s| s.name.clone()).collect(),
             Some(list) => {
                 for s in &list {
                     if !KNOWN_STREAMS.contains(&s.as_str()) {
@@ -521,51 +463,30 @@ fn validate(
         if let Some(f) = &stream_field
             && (f.is_empty() || f.contains(['"', '\\']) || f.chars().any(char::is_control))
         {
-            return Err(err(format!(
-                "sinks.{name}.stream_field: must be a plain, non-empty field name"
-            )));
+            return Err(err(format!("sinks.{name}.stream_field: must be a plain, non-empty field name")));
         }
-        sinks.push(SinkConfig {
-            name,
-            streams: sink_streams,
-            stream_field,
-            kind,
-        });
+        sinks.push(SinkConfig { name, streams: sink_streams, stream_field, kind });
     }
-    let stdout_sinks = sinks
-        .iter()
-        .filter(|s| matches!(s.kind, SinkKind::Stdout))
-        .count();
+    let stdout_sinks = sinks.iter().filter(|s| matches!(s.kind, SinkKind::Stdout)).count();
     if stdout_sinks > 1 {
-        return Err(err(
-            "sinks: at most one stdout sink may be configured".into()
-        ));
+        return Err(err("sinks: at most one stdout sink may be configured".into()));
     }
 
     // [log]
     let level = raw.log.level.unwrap_or_else(|| "info".into());
-    tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
-        err(format!(
-            "log.level: '{level}' is not a level or filter directive: {e}"
-        ))
-    })?;
+    tracing_subscriber::EnvFilter::try_new(&level)
+        .map_err(|e| err(format!("log.level: '{level}' is not a level or filter directive: {e}")))?;
     let format = match raw.log.format.as_deref().unwrap_or("text") {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
         other => {
-            return Err(err(format!(
-                "log.format: '{other}' is not one of text, json"
-            )));
+            return Err(err(format!("log.format: '{other}' is not one of text, json")));
         }
     };
 
     // [runtime]
-    let shutdown_timeout = duration_key(
-        "runtime.shutdown_timeout",
-        raw.runtime.shutdown_timeout.as_deref(),
-        "20s",
-    )
-    .map_err(&err)?;
+    let shutdown_timeout =
+        duration_key("runtime.shutdown_timeout", raw.runtime.shutdown_timeout.as_deref(), "20s").map_err(&err)?;
 
     Ok(Config {
         source: path.to_path_buf(),
@@ -596,41 +517,24 @@ fn validate_stream(name: &str, rs: RawStream) -> Result<StreamConfig, String> {
         ("user_activity", Some("v1")) => StreamKind::UserActivityV1,
         ("token_activity", None | Some("v1")) => StreamKind::TokenActivityV1,
         ("token_activity", Some(other)) => {
-            return Err(format!(
-                "{}: token activity has only a v1 endpoint, not '{other}'",
-                key("api")
-            ));
+            return Err(format!("{}: token activity has only a v1 endpoint, not '{other}'", key("api")));
         }
         (_, Some(other)) => return Err(format!("{}: '{other}' is not one of v1, v2", key("api"))),
         _ => unreachable!("stream names are checked against KNOWN_STREAMS first"),
     };
-    let default_interval = if kind == StreamKind::TokenActivityV1 {
-        "5m"
-    } else {
-        "1m"
-    };
+    let default_interval = if kind == StreamKind::TokenActivityV1 { "5m" } else { "1m" };
     let interval = duration_key(&key("interval"), rs.interval.as_deref(), default_interval)?;
     if interval < Duration::from_secs(1) {
         return Err(format!("{}: must be at least 1s", key("interval")));
     }
     let overlap = duration_key(&key("overlap"), rs.overlap.as_deref(), "5m")?;
-    let initial_lookback = duration_key(
-        &key("initial_lookback"),
-        rs.initial_lookback.as_deref(),
-        "7d",
-    )?;
+    let initial_lookback = duration_key(&key("initial_lookback"), rs.initial_lookback.as_deref(), "7d")?;
     if initial_lookback.is_zero() {
-        return Err(format!(
-            "{}: must be greater than zero",
-            key("initial_lookback")
-        ));
+        return Err(format!("{}: must be greater than zero", key("initial_lookback")));
     }
     let page_size = rs.page_size.unwrap_or(1000);
     if !(1..=1000).contains(&page_size) {
-        return Err(format!(
-            "{}: must be between 1 and 1000 (the API's limit)",
-            key("page_size")
-        ));
+        return Err(format!("{}: must be between 1 and 1000 (the API's limit)", key("page_size")));
     }
     let mut filters = Vec::new();
     let candidates = [
@@ -651,16 +555,11 @@ fn validate_stream(name: &str, rs: RawStream) -> Result<StreamConfig, String> {
         };
         if !allowed {
             let which = match kind {
-                StreamKind::UserActivityV2 => {
-                    "type, action, secondary_action, user_id, user_email, target_id"
-                }
+                StreamKind::UserActivityV2 => "type, action, secondary_action, user_id, user_email, target_id",
                 StreamKind::UserActivityV1 => "type (the v1 endpoint has no other filter)",
                 StreamKind::TokenActivityV1 => "scope",
             };
-            return Err(format!(
-                "{}: not a filter of this endpoint; it takes {which}",
-                key(k)
-            ));
+            return Err(format!("{}: not a filter of this endpoint; it takes {which}", key(k)));
         }
         filters.push((k.to_string(), v));
     }
@@ -679,10 +578,7 @@ fn validate_stream(name: &str, rs: RawStream) -> Result<StreamConfig, String> {
 /// Find the API token in order of preference: `token_file`, then systemd's
 /// `$CREDENTIALS_DIRECTORY/opsera-token`, then `api.token` (which the
 /// environment variable `OPSERA_SHIPPER__API__TOKEN` overrides).
-fn resolve_token(
-    api: &RawApi,
-    env: &HashMap<String, String>,
-) -> Result<(Option<Secret>, String), String> {
+fn resolve_token(api: &RawApi, env: &HashMap<String, String>) -> Result<(Option<Secret>, String), String> {
     if let Some(p) = &api.token_file {
         let t = read_secret_file(p).map_err(|m| format!("api.token_file: {m}"))?;
         return Ok((Some(t), format!("file {}", p.display())));
@@ -690,25 +586,13 @@ fn resolve_token(
     if let Some(dir) = env.get("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
         let p = Path::new(dir).join("opsera-token");
         if p.exists() {
-            let t = read_secret_file(&p)
-                .map_err(|m| format!("$CREDENTIALS_DIRECTORY/opsera-token: {m}"))?;
+            let t = read_secret_file(&p).map_err(|m| format!("$CREDENTIALS_DIRECTORY/opsera-token: {m}"))?;
             return Ok((Some(t), format!("systemd credential {}", p.display())));
         }
     }
-    if let Some(t) = api
-        .token
-        .as_deref()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-    {
-        let from_env = env
-            .get(&format!("{ENV_PREFIX}__API__TOKEN"))
-            .is_some_and(|v| !v.is_empty());
-        let source = if from_env {
-            "environment OPSERA_SHIPPER__API__TOKEN"
-        } else {
-            "api.token"
-        };
+    if let Some(t) = api.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        let from_env = env.get(&format!("{ENV_PREFIX}__API__TOKEN")).is_some_and(|v| !v.is_empty());
+        let source = if from_env { "environment OPSERA_SHIPPER__API__TOKEN" } else { "api.token" };
         return Ok((Some(Secret::new(t)), source.into()));
     }
     Ok((None, "none".into()))
@@ -716,8 +600,7 @@ fn resolve_token(
 
 /// Read a secret from a file, trimming surrounding whitespace and the trailing newline.
 pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let t = text.trim();
     if t.is_empty() {
         return Err(format!("{} is empty", path.display()));
@@ -757,25 +640,17 @@ fn is_loopback_host(url: &reqwest::Url) -> bool {
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
-    if p.is_absolute() || base.as_os_str().is_empty() {
-        p
-    } else {
-        base.join(p)
-    }
+    if p.is_absolute() || base.as_os_str().is_empty() { p } else { base.join(p) }
 }
 
 fn duration_key(key: &str, value: Option<&str>, default: &str) -> Result<Duration, String> {
     let v = value.unwrap_or(default);
-    parse_duration(v).map_err(|e| {
-        format!("{key}: '{v}' is not a duration ({e}); write e.g. \"30s\", \"5m\", \"7d\"")
-    })
+    parse_duration(v).map_err(|e| format!("{key}: '{v}' is not a duration ({e}); write e.g. \"30s\", \"5m\", \"7d\""))
 }
 
 fn bytes_key(key: &str, value: Option<&str>, default: &str) -> Result<u64, String> {
     let v = value.unwrap_or(default);
-    parse_bytes(v).ok_or_else(|| {
-        format!("{key}: '{v}' is not a size; write e.g. \"512MiB\", \"1GiB\", \"65536\"")
-    })
+    parse_bytes(v).ok_or_else(|| format!("{key}: '{v}' is not a size; write e.g. \"512MiB\", \"1GiB\", \"65536\""))
 }
 
 /// Parse a human duration such as `30s`, `5m`, `7d`, `1h 30m`.
@@ -816,11 +691,7 @@ impl Config {
         let _ = writeln!(o, "[api]");
         let _ = writeln!(o, "base_url = {:?}", a.base_url);
         let _ = writeln!(o, "token = \"***\"  # from {}", a.token_source);
-        let _ = writeln!(
-            o,
-            "timeout = {:?}",
-            humantime::format_duration(a.timeout).to_string()
-        );
+        let _ = writeln!(o, "timeout = {:?}", humantime::format_duration(a.timeout).to_string());
         if let Some(p) = &a.ca_file {
             let _ = writeln!(o, "ca_file = {:?}", p.display().to_string());
         }
@@ -832,36 +703,16 @@ impl Config {
         let _ = writeln!(o, "max_retries = {}", a.max_retries);
         let _ = writeln!(o, "\n[state]");
         let _ = writeln!(o, "path = {:?}", self.state.path.display().to_string());
-        let _ = writeln!(
-            o,
-            "max_buffered_records = {}",
-            self.state.max_buffered_records
-        );
+        let _ = writeln!(o, "max_buffered_records = {}", self.state.max_buffered_records);
         let _ = writeln!(o, "max_buffered_bytes = {}", self.state.max_buffered_bytes);
         for s in &self.streams {
             let _ = writeln!(o, "\n[streams.{}]", s.name);
             let _ = writeln!(o, "enabled = {}", s.enabled);
-            let api = if s.kind == StreamKind::UserActivityV2 {
-                "v2"
-            } else {
-                "v1"
-            };
+            let api = if s.kind == StreamKind::UserActivityV2 { "v2" } else { "v1" };
             let _ = writeln!(o, "api = {api:?}  # {}", s.kind.path());
-            let _ = writeln!(
-                o,
-                "interval = {:?}",
-                humantime::format_duration(s.interval).to_string()
-            );
-            let _ = writeln!(
-                o,
-                "overlap = {:?}",
-                humantime::format_duration(s.overlap).to_string()
-            );
-            let _ = writeln!(
-                o,
-                "initial_lookback = {:?}",
-                humantime::format_duration(s.initial_lookback).to_string()
-            );
+            let _ = writeln!(o, "interval = {:?}", humantime::format_duration(s.interval).to_string());
+            let _ = writeln!(o, "overlap = {:?}", humantime::format_duration(s.overlap).to_string());
+            let _ = writeln!(o, "initial_lookback = {:?}", humantime::format_duration(s.initial_lookback).to_string());
             if s.kind == StreamKind::UserActivityV2 {
                 let _ = writeln!(o, "page_size = {}", s.page_size);
             }
@@ -882,11 +733,7 @@ impl Config {
         }
         let _ = writeln!(o, "\n[log]");
         let _ = writeln!(o, "level = {:?}", self.log.level);
-        let fmt = if self.log.format == LogFormat::Json {
-            "json"
-        } else {
-            "text"
-        };
+        let fmt = if self.log.format == LogFormat::Json { "json" } else { "text" };
         let _ = writeln!(o, "format = {fmt:?}");
         let _ = writeln!(o, "\n[runtime]");
         let _ = writeln!(
@@ -916,11 +763,7 @@ mod tests {
     fn opts(env: &[(&str, &str)]) -> LoadOptions {
         LoadOptions {
             require_token: true,
-            env: Some(
-                env.iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
+            env: Some(env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
         }
     }
 
@@ -942,10 +785,7 @@ mod tests {
         assert!(c.streams.iter().all(|s| s.enabled));
         assert_eq!(c.streams[0].interval, Duration::from_secs(60));
         assert_eq!(c.streams[1].interval, Duration::from_secs(300));
-        assert_eq!(
-            c.streams[0].initial_lookback,
-            Duration::from_secs(7 * 86400)
-        );
+        assert_eq!(c.streams[0].initial_lookback, Duration::from_secs(7 * 86400));
         assert_eq!(c.sinks[0].streams, vec!["user_activity", "token_activity"]);
         assert_eq!(c.state.max_buffered_bytes, 1 << 30);
     }
@@ -975,9 +815,7 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let text = MINIMAL.replace("[state]", "[state]\nmax_bufered_records = 3");
-        let e = load_str(&text, Path::new("c.toml"), &opts(&[]))
-            .unwrap_err()
-            .to_string();
+        let e = load_str(&text, Path::new("c.toml"), &opts(&[])).unwrap_err().to_string();
         assert!(e.contains("max_bufered_records"), "{e}");
         assert!(e.contains("c.toml"), "{e}");
     }
@@ -985,14 +823,9 @@ mod tests {
     #[test]
     fn plain_http_to_remote_host_is_refused() {
         let text = MINIMAL.replace("http://127.0.0.1:8080", "http://opsera.example.com");
-        let e = load_str(&text, Path::new("c.toml"), &opts(&[]))
-            .unwrap_err()
-            .to_string();
+        let e = load_str(&text, Path::new("c.toml"), &opts(&[])).unwrap_err().to_string();
         assert!(e.contains("api.base_url"), "{e}");
-        let text = text.replace("[state]", "[state]").replace(
-            "token = \"t0k\"",
-            "token = \"t0k\"\nallow_insecure_http = true",
-        );
+        let text = text.replace("token = \"t0k\"", "token = \"t0k\"\nallow_insecure_http = true");
         load_str(&text, Path::new("c.toml"), &opts(&[])).unwrap();
     }
 
@@ -1015,11 +848,8 @@ mod tests {
 
     #[test]
     fn v1_stream_rejects_v2_only_filters() {
-        let text =
-            format!("{MINIMAL}\n[streams.user_activity]\napi = \"v1\"\naction = \"update\"\n");
-        let e = load_str(&text, Path::new("c.toml"), &opts(&[]))
-            .unwrap_err()
-            .to_string();
+        let text = format!("{MINIMAL}\n[streams.user_activity]\napi = \"v1\"\naction = \"update\"\n");
+        let e = load_str(&text, Path::new("c.toml"), &opts(&[])).unwrap_err().to_string();
         assert!(e.contains("streams.user_activity.action"), "{e}");
     }
 }

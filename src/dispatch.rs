@@ -45,13 +45,7 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher starting after `cursor`.
-    pub fn new(
-        name: String,
-        streams: Vec<String>,
-        store: Store,
-        sink: Box<dyn Sink>,
-        cursor: i64,
-    ) -> Self {
+    pub fn new(name: String, streams: Vec<String>, store: Store, sink: Box<dyn Sink>, cursor: i64) -> Self {
         Self {
             name,
             streams: Arc::from(streams),
@@ -92,15 +86,7 @@ impl Dispatcher {
             let grew = store.journal_grew();
             tokio::pin!(grew);
             grew.as_mut().enable();
-            let batch = self
-                .store
-                .read_batch(
-                    self.cursor,
-                    self.streams.clone(),
-                    BATCH_RECORDS,
-                    BATCH_BYTES,
-                )
-                .await?;
+            let batch = self.store.read_batch(self.cursor, self.streams.clone(), BATCH_RECORDS, BATCH_BYTES).await?;
             if batch.last_seq == self.cursor {
                 let target = *drain.borrow_and_update();
                 if target.is_some_and(|t| self.cursor >= t) {
@@ -123,9 +109,7 @@ impl Dispatcher {
                     Delivery::Refused(reason) => {
                         error!(sink = %self.name, records = batch.rows.len(), %reason, "Sink refused the batch permanently; it goes to dead letters.");
                         for row in batch.rows.iter().cloned() {
-                            self.store
-                                .dead_letter(&self.name, row, reason.clone(), now_ms())
-                                .await?;
+                            self.store.dead_letter(&self.name, row, reason.clone(), now_ms()).await?;
                         }
                     }
                 }
@@ -135,19 +119,13 @@ impl Dispatcher {
             if pos.is_none() && batch.rows.is_empty() {
                 pos = self.store.sink_cursor(&self.name).await?.file;
             }
-            self.store
-                .commit_cursor(&self.name, batch.last_seq, pos, now_ms())
-                .await?;
+            self.store.commit_cursor(&self.name, batch.last_seq, pos, now_ms()).await?;
             debug!(sink = %self.name, cursor = batch.last_seq, "Cursor moved.");
             self.cursor = batch.last_seq;
         }
     }
 
-    async fn deliver_with_retry(
-        &mut self,
-        rows: &[crate::store::JournalRow],
-        cancel: &CancellationToken,
-    ) -> Delivery {
+    async fn deliver_with_retry(&mut self, rows: &[crate::store::JournalRow], cancel: &CancellationToken) -> Delivery {
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(self.min_delay)
             .with_max_delay(self.max_delay)

@@ -25,10 +25,7 @@ pub fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error>
                 .map_err(|_| E::custom(format!("{v} is negative; expected a non-negative integer")))
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            v.trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| E::custom(format!("'{v}' is not a non-negative integer")))
+            v.trim().parse().map(Some).map_err(|_| E::custom(format!("'{v}' is not a non-negative integer")))
         }
         fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
             Ok(None)
@@ -83,13 +80,7 @@ pub fn opt_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, 
             f.write_str("a list of strings or a comma-separated string")
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(Some(
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect(),
-            ))
+            Ok(Some(v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()))
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
             let mut out = Vec::new();

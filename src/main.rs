@@ -12,11 +12,7 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -32,21 +28,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<u8, AppError> {
-    let require_token = matches!(
-        cli.command,
-        Command::Run | Command::Once { .. } | Command::CheckConfig
-    );
+    let require_token = matches!(cli.command, Command::Run | Command::Once { .. } | Command::CheckConfig);
     if let Command::Demo { duration, dir } = cli.command {
         init_logging("info", LogFormat::Text);
         return runtime()?.block_on(app::demo(dir, duration));
     }
-    let cfg = config::load(
-        &cli.config,
-        &LoadOptions {
-            require_token,
-            env: None,
-        },
-    )?;
+    let cfg = config::load(&cli.config, &LoadOptions { require_token, env: None })?;
     init_logging(&cfg.log.level, cfg.log.format);
     match cli.command {
         Command::CheckConfig => {
@@ -54,14 +41,10 @@ fn run(cli: Cli) -> Result<u8, AppError> {
             eprintln!("Config {} is valid.", cfg.source.display());
             Ok(exit::OK)
         }
-        Command::Run => {
-            runtime()?.block_on(app::run(cfg, tokio_util::sync::CancellationToken::new()))
-        }
+        Command::Run => runtime()?.block_on(app::run(cfg, tokio_util::sync::CancellationToken::new())),
         Command::Once { timeout } => runtime()?.block_on(app::once(cfg, timeout)),
         Command::Status { json } => runtime()?.block_on(app::status(cfg, json)),
-        Command::Reset { stream, since } => {
-            runtime()?.block_on(app::reset(cfg, &stream, since.as_deref()))
-        }
+        Command::Reset { stream, since } => runtime()?.block_on(app::reset(cfg, &stream, since.as_deref())),
         Command::Demo { .. } => unreachable!("handled above"),
     }
 }
@@ -79,10 +62,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, AppError> {
 fn init_logging(level: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter)
-        .with_target(false);
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),

@@ -69,12 +69,7 @@ pub struct Poller {
 
 impl Poller {
     pub fn new(stream: StreamConfig, client: Client, store: Store, limits: Limits) -> Self {
-        Self {
-            stream,
-            client,
-            store,
-            limits,
-        }
+        Self { stream, client, store, limits }
     }
 
     pub fn stream(&self) -> &StreamConfig {
@@ -91,11 +86,7 @@ impl Poller {
                 Ok(_) | Err(PollError::Cancelled) => {}
                 Err(error) => {
                     warn!(stream = %self.stream.name, %error, "Poll failed; the next poll retries the same span.");
-                    if let Err(e) = self
-                        .store
-                        .record_poll_error(&self.stream.name, now_ms(), error.to_string())
-                        .await
-                    {
+                    if let Err(e) = self.store.record_poll_error(&self.stream.name, now_ms(), error.to_string()).await {
                         warn!(stream = %self.stream.name, error = %e, "Could not record the poll error.");
                     }
                 }
@@ -134,11 +125,7 @@ impl Poller {
         i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
     }
 
-    async fn poll_window(
-        &self,
-        cp: window::Checkpoint,
-        cancel: &CancellationToken,
-    ) -> Result<PollReport, PollError> {
+    async fn poll_window(&self, cp: window::Checkpoint, cancel: &CancellationToken) -> Result<PollReport, PollError> {
         let s = &self.stream;
         let now = now_ms();
         let (overlap, lookback) = (Self::ms(s.overlap), Self::ms(s.initial_lookback));
@@ -165,20 +152,12 @@ impl Poller {
                 self.wait_for_room(cancel).await?;
                 let mut q = base.clone();
                 q.push(("page".into(), page.to_string()));
-                let p = self
-                    .client
-                    .fetch(s.kind.path(), &q, CountMeaning::Total, cancel)
-                    .await?;
+                let p = self.client.fetch(s.kind.path(), &q, CountMeaning::Total, cancel).await?;
                 report.requests += 1;
                 count = p.count.or(count);
                 let n = p.records.len();
-                let fresh = p
-                    .records
-                    .iter()
-                    .filter(|r| ids.insert(hasher.hash_one(&r.id)))
-                    .count();
-                self.ingest(p.records, &mut report, &mut max_created)
-                    .await?;
+                let fresh = p.records.iter().filter(|r| ids.insert(hasher.hash_one(&r.id))).count();
+                self.ingest(p.records, &mut report, &mut max_created).await?;
                 received += n as u64;
                 if n == 0 {
                     break;
@@ -195,21 +174,14 @@ impl Poller {
                 }
                 page += 1;
                 if page > MAX_PAGES {
-                    warn!(
-                        pages = MAX_PAGES,
-                        "Window has too many pages; the rest is left to the next poll."
-                    );
+                    warn!(pages = MAX_PAGES, "Window has too many pages; the rest is left to the next poll.");
                     break;
                 }
             }
             match count {
                 Some(c) if c != ids.len() as u64 => {
                     if pass == 0 {
-                        info!(
-                            count = c,
-                            unique = ids.len(),
-                            "Records moved while paging; paging the window again."
-                        );
+                        info!(count = c, unique = ids.len(), "Records moved while paging; paging the window again.");
                         continue;
                     }
                     warn!(
@@ -225,11 +197,7 @@ impl Poller {
         self.finish(max_created, w.end, now, report).await
     }
 
-    async fn poll_days(
-        &self,
-        cp: window::Checkpoint,
-        cancel: &CancellationToken,
-    ) -> Result<PollReport, PollError> {
+    async fn poll_days(&self, cp: window::Checkpoint, cancel: &CancellationToken) -> Result<PollReport, PollError> {
         let s = &self.stream;
         let now = now_ms();
         let (overlap, lookback) = (Self::ms(s.overlap), Self::ms(s.initial_lookback));
@@ -242,10 +210,7 @@ impl Poller {
                 q.push(("count".into(), V1_CAP.to_string()));
             }
             q.extend(s.filters.iter().cloned());
-            let p = self
-                .client
-                .fetch(s.kind.path(), &q, CountMeaning::Returned, cancel)
-                .await?;
+            let p = self.client.fetch(s.kind.path(), &q, CountMeaning::Returned, cancel).await?;
             report.requests += 1;
             if p.records.len() >= V1_CAP {
                 report.truncated_days += 1;
@@ -258,16 +223,9 @@ impl Poller {
                 );
                 self.store.count_truncated_day(&s.name).await?;
             }
-            self.ingest(p.records, &mut report, &mut max_created)
-                .await?;
+            self.ingest(p.records, &mut report, &mut max_created).await?;
         }
-        self.finish(
-            max_created,
-            window::floor_to(now, MINUTE) - MINUTE,
-            now,
-            report,
-        )
-        .await
+        self.finish(max_created, window::floor_to(now, MINUTE) - MINUTE, now, report).await
     }
 
     async fn ingest(
@@ -297,11 +255,7 @@ impl Poller {
         mut report: PollReport,
     ) -> Result<PollReport, PollError> {
         let s = &self.stream;
-        let (daily, overlap, lookback) = (
-            s.kind.is_daily(),
-            Self::ms(s.overlap),
-            Self::ms(s.initial_lookback),
-        );
+        let (daily, overlap, lookback) = (s.kind.is_daily(), Self::ms(s.overlap), Self::ms(s.initial_lookback));
         let cp = self
             .store
             .complete_window(&s.name, max_created, polled_until, now, move |cp| {

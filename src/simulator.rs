@@ -94,26 +94,15 @@ struct SimRecord {
 
 impl SimRecord {
     fn compact(&self) -> String {
-        let parts: Vec<String> = self
-            .fields
-            .iter()
-            .map(|(k, v)| format!("\"{k}\":{v}"))
-            .collect();
+        let parts: Vec<String> = self.fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
         format!("{{{}}}", parts.join(","))
     }
     fn pretty(&self) -> String {
-        let parts: Vec<String> = self
-            .fields
-            .iter()
-            .map(|(k, v)| format!("      \"{k}\": {v}"))
-            .collect();
+        let parts: Vec<String> = self.fields.iter().map(|(k, v)| format!("      \"{k}\": {v}")).collect();
         format!("{{\n{}\n    }}", parts.join(",\n"))
     }
     fn field(&self, name: &str) -> Option<String> {
-        self.fields
-            .iter()
-            .find(|(k, _)| *k == name)
-            .and_then(|(_, v)| serde_json::from_str::<String>(v).ok())
+        self.fields.iter().find(|(k, _)| *k == name).and_then(|(_, v)| serde_json::from_str::<String>(v).ok())
     }
 }
 
@@ -189,16 +178,9 @@ impl Simulator {
         let cancel = CancellationToken::new();
         let stop = cancel.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
         });
-        Ok(Simulator {
-            addr,
-            state,
-            cancel,
-            token,
-        })
+        Ok(Simulator { addr, state, cancel, token })
     }
 
     pub fn base_url(&self) -> String {
@@ -220,15 +202,13 @@ impl Simulator {
     /// Add `n` user-activity records created at `created` (ms); returns their ids.
     pub fn add_user_at(&self, n: usize, created: i64) -> Vec<String> {
         let mut st = self.st();
-        let ids = (0..n).map(|_| st.insert_user(created)).collect();
-        ids
+        (0..n).map(|_| st.insert_user(created)).collect()
     }
 
     /// Add `n` token-activity records created at `created` (ms); returns their ids.
     pub fn add_token_at(&self, n: usize, created: i64) -> Vec<String> {
         let mut st = self.st();
-        let ids = (0..n).map(|_| st.insert_token(created)).collect();
-        ids
+        (0..n).map(|_| st.insert_token(created)).collect()
     }
 
     /// The server's clock, in ms.
@@ -266,20 +246,12 @@ impl Simulator {
 
     /// Every user-activity record as (id, compact JSON text).
     pub fn user_records(&self) -> Vec<(String, String)> {
-        self.st()
-            .user
-            .iter()
-            .map(|r| (r.id.clone(), r.compact()))
-            .collect()
+        self.st().user.iter().map(|r| (r.id.clone(), r.compact())).collect()
     }
 
     /// Every token-activity record as (id, compact JSON text).
     pub fn token_records(&self) -> Vec<(String, String)> {
-        self.st()
-            .tokens
-            .iter()
-            .map(|r| (r.id.clone(), r.compact()))
-            .collect()
+        self.st().tokens.iter().map(|r| (r.id.clone(), r.compact())).collect()
     }
 
     /// Add `per_tick` user records (and a token record every few ticks) every `every`, until shutdown.
@@ -296,7 +268,7 @@ impl Simulator {
                 }
                 let now = sim.now();
                 sim.add_user_at(per_tick, now);
-                if n % 3 == 0 {
+                if n.is_multiple_of(3) {
                     sim.add_token_at(1, now);
                 }
                 n += 1;
@@ -317,12 +289,7 @@ const TYPES: [&str; 6] = ["pipeline", "tool", "task", "dashboard", "user", "toke
 const ACTIONS: [&str; 6] = ["create", "update", "delete", "run", "login", "view"];
 const SECONDARY: [&str; 4] = ["user_profile", "settings", "access_roles", "workflow"];
 const SCOPES: [&str; 3] = ["api", "pipeline", "security_logs"];
-const TARGETS: [&str; 4] = [
-    "/v1/logs/user/tokens",
-    "/v2/logs/audit/user",
-    "/v1/logs/user/actions",
-    "/v2/pipelines",
-];
+const TARGETS: [&str; 4] = ["/v1/logs/user/tokens", "/v2/logs/audit/user", "/v1/logs/user/actions", "/v2/pipelines"];
 
 impl SimState {
     fn now(&self) -> i64 {
@@ -345,11 +312,7 @@ impl SimState {
     fn object_id(&mut self, created: i64) -> String {
         self.counter += 1;
         let secs = (created / 1000).clamp(0, u32::MAX as i64) as u32;
-        format!(
-            "{secs:08x}{:08x}{:08x}",
-            (self.next() as u32),
-            self.counter as u32
-        )
+        format!("{secs:08x}{:08x}{:08x}", (self.next() as u32), self.counter as u32)
     }
 
     fn gen_user(&mut self, created: i64) -> SimRecord {
@@ -374,19 +337,12 @@ impl SimState {
             ("__v", "0".into()),
         ];
         match self.counter % 13 {
-            3 => fields.push((
-                "details",
-                json_str("changed \"name\"\nfrom C:\\old to ✓ ümlaut\ttab"),
-            )),
+            3 => fields.push(("details", json_str("changed \"name\"\nfrom C:\\old to ✓ ümlaut\ttab"))),
             7 => fields.push(("ratio", "1.50".into())),
             11 => fields.push(("description", json_str(&"long value ".repeat(40)))),
             _ => {}
         }
-        SimRecord {
-            id,
-            created,
-            fields,
-        }
+        SimRecord { id, created, fields }
     }
 
     fn gen_token(&mut self, created: i64) -> SimRecord {
@@ -407,11 +363,7 @@ impl SimState {
             ("updatedAt", ts),
             ("__v", "0".into()),
         ];
-        SimRecord {
-            id,
-            created,
-            fields,
-        }
+        SimRecord { id, created, fields }
     }
 
     fn insert_user(&mut self, created: i64) -> String {
@@ -432,14 +384,8 @@ impl SimState {
 
     fn render(&self, count: usize, records: &[&SimRecord]) -> String {
         if self.opts.pretty {
-            let items: Vec<String> = records
-                .iter()
-                .map(|r| format!("    {}", r.pretty()))
-                .collect();
-            format!(
-                "{{\n  \"count\": {count},\n  \"data\": [\n{}\n  ]\n}}\n",
-                items.join(",\n")
-            )
+            let items: Vec<String> = records.iter().map(|r| format!("    {}", r.pretty())).collect();
+            format!("{{\n  \"count\": {count},\n  \"data\": [\n{}\n  ]\n}}\n", items.join(",\n"))
         } else {
             let items: Vec<String> = records.iter().map(|r| r.compact()).collect();
             format!("{{\"count\":{count},\"data\":[{}]}}", items.join(","))
@@ -458,12 +404,7 @@ fn param<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
 }
 
 fn json_error(code: StatusCode, msg: &str) -> Response {
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        format!("{{\"message\":{}}}", json_str(msg)),
-    )
-        .into_response()
+    (code, [(header::CONTENT_TYPE, "application/json")], format!("{{\"message\":{}}}", json_str(msg))).into_response()
 }
 
 fn ok_json(body: String) -> Response {
@@ -480,10 +421,7 @@ async fn gate(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
             && let Some((n, code)) = st.fail_every
             && st.requests.is_multiple_of(n)
         {
-            fault = Some(Fault::Status {
-                code,
-                retry_after: (code == 429).then_some(1),
-            });
+            fault = Some(Fault::Status { code, retry_after: (code == 429).then_some(1) });
         }
         (st.opts.latency, fault, st.opts.token.clone())
     };
@@ -491,15 +429,8 @@ async fn gate(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
         tokio::time::sleep(delay).await;
     }
     let want = format!("Bearer {token}");
-    if headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        != Some(want.as_str())
-    {
-        return Err(json_error(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized: invalid or missing API token",
-        ));
+    if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(want.as_str()) {
+        return Err(json_error(StatusCode::UNAUTHORIZED, "Unauthorized: invalid or missing API token"));
     }
     match fault {
         None => Ok(()),
@@ -540,23 +471,14 @@ fn parse_date(s: &str) -> Option<i64> {
 /// `HH:mm` per `^([01]?[0-9]|2[0-3]):[0-5][0-9]$`, as ms after midnight.
 fn parse_hhmm(s: &str) -> Option<i64> {
     let (h, m) = s.split_once(':')?;
-    if h.is_empty()
-        || h.len() > 2
-        || m.len() != 2
-        || !h.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit())
-    {
+    if h.is_empty() || h.len() > 2 || m.len() != 2 || !h.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit()) {
         return None;
     }
     let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
     (h <= 23 && m <= 59).then_some(h * 60 * MINUTE + m * MINUTE)
 }
 
-fn bound(
-    p: &[(String, String)],
-    date_key: &str,
-    time_key: &str,
-    default_time: i64,
-) -> Result<Option<i64>, String> {
+fn bound(p: &[(String, String)], date_key: &str, time_key: &str, default_time: i64) -> Result<Option<i64>, String> {
     let date = match param(p, date_key) {
         None => {
             if param(p, time_key).is_some() {
@@ -586,10 +508,7 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
         None => 100,
         Some(Ok(n)) if (1..=1000).contains(&n) => n,
         _ => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "page_size must be an integer from 1 to 1000",
-            );
+            return json_error(StatusCode::BAD_REQUEST, "page_size must be an integer from 1 to 1000");
         }
     };
     let start = match bound(&p, "start_date", "start_time", 0) {
@@ -600,17 +519,10 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
         Ok(v) => v,
         Err(m) => return json_error(StatusCode::BAD_REQUEST, &m),
     };
-    let filters: Vec<(&str, &str)> = [
-        "type",
-        "action",
-        "secondary_action",
-        "user_id",
-        "user_email",
-        "target_id",
-    ]
-    .into_iter()
-    .filter_map(|k| param(&p, k).map(|v| (k, v)))
-    .collect();
+    let filters: Vec<(&str, &str)> = ["type", "action", "secondary_action", "user_id", "user_email", "target_id"]
+        .into_iter()
+        .filter_map(|k| param(&p, k).map(|v| (k, v)))
+        .collect();
     let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
     let end_excl = end.map(|e| match st.opts.end_bound {
         EndBound::MinuteInclusive => e + MINUTE,
@@ -621,11 +533,7 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
         .iter()
         .rev()
         .filter(|r| start.is_none_or(|s| r.created >= s) && end_excl.is_none_or(|e| r.created < e))
-        .filter(|r| {
-            filters
-                .iter()
-                .all(|(k, v)| r.field(k).as_deref() == Some(*v))
-        })
+        .filter(|r| filters.iter().all(|(k, v)| r.field(k).as_deref() == Some(*v)))
         .collect();
     let size = st.opts.page_cap.map_or(page_size, |c| c.min(page_size));
     let from = (page - 1).saturating_mul(size).min(matching.len());
@@ -642,18 +550,12 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
 
 fn v1_day(p: &[(String, String)], now: i64) -> Result<(i64, i64), String> {
     match param(p, "date") {
-        Some(d) => parse_date(d)
-            .map(|s| (s, s + DAY))
-            .ok_or_else(|| "date must be YYYY-MM-DD".to_string()),
+        Some(d) => parse_date(d).map(|s| (s, s + DAY)).ok_or_else(|| "date must be YYYY-MM-DD".to_string()),
         None => Ok((now - 7 * DAY, i64::MAX)),
     }
 }
 
-async fn v1_actions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Query(p): Params,
-) -> Response {
+async fn v1_actions(State(state): State<AppState>, headers: HeaderMap, Query(p): Params) -> Response {
     if let Err(r) = gate(&state, &headers).await {
         return r;
     }
@@ -679,11 +581,7 @@ async fn v1_actions(
     ok_json(st.render(out.len(), &out))
 }
 
-async fn v1_tokens(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Query(p): Params,
-) -> Response {
+async fn v1_tokens(State(state): State<AppState>, headers: HeaderMap, Query(p): Params) -> Response {
     if let Err(r) = gate(&state, &headers).await {
         return r;
     }

@@ -78,10 +78,7 @@ const MIGRATIONS: &[&str] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state database {path}: {source}")]
-    Sqlite {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Sqlite { path: String, source: rusqlite::Error },
     #[error("state database {path}: {message}")]
     Other { path: String, message: String },
 }
@@ -184,39 +181,26 @@ impl Store {
     /// Open (creating if needed) the state database at `path`, applying migrations.
     /// Blocking: call before the runtime is busy, or from `spawn_blocking`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let err = |message: String| StoreError::Other {
-            path: path.display().to_string(),
-            message,
-        };
+        let err = |message: String| StoreError::Other { path: path.display().to_string(), message };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            create_private_dir(dir)
-                .map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
+            create_private_dir(dir).map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
         }
         create_private_file(path).map_err(|e| err(format!("cannot create the file: {e}")))?;
-        let sq = |source| StoreError::Sqlite {
-            path: path.display().to_string(),
-            source,
-        };
+        let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
         let mut conn = Connection::open(path).map_err(sq)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(sq)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(sq)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sq)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(sq)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(err(format!(
                 "could not switch to WAL mode (got {mode}); is the file on a network filesystem?"
             )));
         }
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;")
-            .map_err(sq)?;
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF;").map_err(sq)?;
         migrate(&mut conn, path)?;
         let (records, bytes): (i64, i64) = conn
-            .query_row(
-                "SELECT count(*), coalesce(sum(octet_length(body)), 0) FROM journal",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .query_row("SELECT count(*), coalesce(sum(octet_length(body)), 0) FROM journal", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .map_err(sq)?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -237,10 +221,7 @@ impl Store {
 
     /// Records and bytes in the journal now.
     pub fn backlog(&self) -> (u64, u64) {
-        (
-            self.inner.journal_records.load(Ordering::Relaxed),
-            self.inner.journal_bytes.load(Ordering::Relaxed),
-        )
+        (self.inner.journal_records.load(Ordering::Relaxed), self.inner.journal_bytes.load(Ordering::Relaxed))
     }
 
     /// Resolves the next time the journal grows (`enable` it before
@@ -278,18 +259,13 @@ impl Store {
         self.run(move |inner, conn| {
             let tx = conn.transaction().map_err(|e| sq(inner, e))?;
             let high: i64 = tx
-                .query_row(
-                    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0)",
-                    [],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0)", [], |r| {
+                    r.get(0)
+                })
                 .map_err(|e| sq(inner, e))?;
             for n in &names {
-                tx.execute(
-                    "INSERT OR IGNORE INTO sink_cursors(sink, delivered_seq) VALUES (?1, ?2)",
-                    params![n, high],
-                )
-                .map_err(|e| sq(inner, e))?;
+                tx.execute("INSERT OR IGNORE INTO sink_cursors(sink, delivered_seq) VALUES (?1, ?2)", params![n, high])
+                    .map_err(|e| sq(inner, e))?;
             }
             tx.commit().map_err(|e| sq(inner, e))?;
             *lock(&inner.active_sinks) = names;
@@ -302,16 +278,9 @@ impl Store {
     pub async fn checkpoint(&self, stream: &str) -> Result<Checkpoint, StoreError> {
         let stream = stream.to_string();
         self.run(move |inner, conn| {
-            conn.query_row(
-                "SELECT watermark, polled_until FROM streams WHERE name = ?1",
-                [&stream],
-                |r| {
-                    Ok(Checkpoint {
-                        watermark: r.get(0)?,
-                        polled_until: r.get(1)?,
-                    })
-                },
-            )
+            conn.query_row("SELECT watermark, polled_until FROM streams WHERE name = ?1", [&stream], |r| {
+                Ok(Checkpoint { watermark: r.get(0)?, polled_until: r.get(1)? })
+            })
             .optional()
             .map(Option::unwrap_or_default)
             .map_err(|e| sq(inner, e))
@@ -320,11 +289,7 @@ impl Store {
     }
 
     /// Store a page: new ids go to `seen` and the journal, in one transaction.
-    pub async fn ingest(
-        &self,
-        stream: &str,
-        records: Vec<Record>,
-    ) -> Result<IngestStats, StoreError> {
+    pub async fn ingest(&self, stream: &str, records: Vec<Record>) -> Result<IngestStats, StoreError> {
         let stream = stream.to_string();
         let stats = self
             .run(move |inner, conn| {
@@ -403,12 +368,7 @@ impl Store {
     }
 
     /// Record a failed poll (the checkpoint does not move).
-    pub async fn record_poll_error(
-        &self,
-        stream: &str,
-        now: i64,
-        error: String,
-    ) -> Result<(), StoreError> {
+    pub async fn record_poll_error(&self, stream: &str, now: i64, error: String) -> Result<(), StoreError> {
         let stream = stream.to_string();
         self.run(move |inner, conn| {
             conn.execute(
@@ -472,7 +432,9 @@ impl Store {
     ) -> Result<Batch, StoreError> {
         self.run(move |inner, conn| {
             let mut stmt = conn
-                .prepare_cached("SELECT seq, stream, id, created, body FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+                .prepare_cached(
+                    "SELECT seq, stream, id, created, body FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
                 .map_err(|e| sq(inner, e))?;
             let mut rows = stmt.query(params![after, limit as i64]).map_err(|e| sq(inner, e))?;
             let mut batch = Batch { rows: Vec::new(), last_seq: after };
@@ -480,7 +442,7 @@ impl Store {
             while let Some(r) = rows.next().map_err(|e| sq(inner, e))? {
                 let seq: i64 = r.get(0).map_err(|e| sq(inner, e))?;
                 let stream: String = r.get(1).map_err(|e| sq(inner, e))?;
-                if streams.iter().any(|s| *s == stream) {
+                if streams.contains(&stream) {
                     let body: String = r.get(4).map_err(|e| sq(inner, e))?;
                     bytes += body.len();
                     batch.rows.push(JournalRow {
@@ -504,24 +466,16 @@ impl Store {
     /// The highest `seq` ever journaled.
     pub async fn high_seq(&self) -> Result<i64, StoreError> {
         self.run(|inner, conn| {
-            conn.query_row(
-                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0)",
-                [],
-                |r| r.get(0),
-            )
+            conn.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0)", [], |r| {
+                r.get(0)
+            })
             .map_err(|e| sq(inner, e))
         })
         .await
     }
 
     /// A batch is delivered: move the sink's cursor (and file position) and trim the journal.
-    pub async fn commit_cursor(
-        &self,
-        sink: &str,
-        seq: i64,
-        file: Option<FilePos>,
-        now: i64,
-    ) -> Result<(), StoreError> {
+    pub async fn commit_cursor(&self, sink: &str, seq: i64, file: Option<FilePos>, now: i64) -> Result<(), StoreError> {
         let sink = sink.to_string();
         let trimmed = self
             .run(move |inner, conn| {
@@ -548,13 +502,7 @@ impl Store {
     }
 
     /// Keep a record that `sink` refused permanently.
-    pub async fn dead_letter(
-        &self,
-        sink: &str,
-        row: JournalRow,
-        reason: String,
-        now: i64,
-    ) -> Result<(), StoreError> {
+    pub async fn dead_letter(&self, sink: &str, row: JournalRow, reason: String, now: i64) -> Result<(), StoreError> {
         let sink = sink.to_string();
         self.run(move |inner, conn| {
             conn.execute(
@@ -579,8 +527,11 @@ impl Store {
                 params![stream, since],
             )
             .map_err(|e| sq(inner, e))?;
-            tx.execute("DELETE FROM seen WHERE stream = ?1 AND created >= ?2", params![stream, since.unwrap_or(i64::MIN)])
-                .map_err(|e| sq(inner, e))?;
+            tx.execute(
+                "DELETE FROM seen WHERE stream = ?1 AND created >= ?2",
+                params![stream, since.unwrap_or(i64::MIN)],
+            )
+            .map_err(|e| sq(inner, e))?;
             tx.commit().map_err(|e| sq(inner, e))
         })
         .await
@@ -654,11 +605,8 @@ impl Store {
 
     /// `PRAGMA integrity_check`: "ok" when the database is sound.
     pub async fn integrity_check(&self) -> Result<String, StoreError> {
-        self.run(|inner, conn| {
-            conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))
-                .map_err(|e| sq(inner, e))
-        })
-        .await
+        self.run(|inner, conn| conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| sq(inner, e)))
+            .await
     }
 }
 
@@ -679,34 +627,24 @@ fn trim(inner: &Inner, conn: &mut Connection) -> Result<(), StoreError> {
     let Some(min) = min else { return Ok(()) };
     let tx = conn.transaction().map_err(|e| sq(inner, e))?;
     let (n, bytes): (i64, i64) = tx
-        .query_row(
-            "SELECT count(*), coalesce(sum(octet_length(body)), 0) FROM journal WHERE seq <= ?1",
-            [min],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+        .query_row("SELECT count(*), coalesce(sum(octet_length(body)), 0) FROM journal WHERE seq <= ?1", [min], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .map_err(|e| sq(inner, e))?;
     if n == 0 {
         return Ok(());
     }
-    tx.execute("DELETE FROM journal WHERE seq <= ?1", [min])
-        .map_err(|e| sq(inner, e))?;
+    tx.execute("DELETE FROM journal WHERE seq <= ?1", [min]).map_err(|e| sq(inner, e))?;
     tx.commit().map_err(|e| sq(inner, e))?;
     inner.journal_records.fetch_sub(n as u64, Ordering::Relaxed);
-    inner
-        .journal_bytes
-        .fetch_sub(bytes as u64, Ordering::Relaxed);
+    inner.journal_bytes.fetch_sub(bytes as u64, Ordering::Relaxed);
     Ok(())
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let sq = |source| StoreError::Sqlite {
-        path: path.display().to_string(),
-        source,
-    };
+    let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
     let tx = conn.transaction().map_err(sq)?;
-    let version: i64 = tx
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(sq)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sq)?;
     let known = MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::Other {
@@ -719,17 +657,13 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     }
     for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.execute_batch(m).map_err(sq)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)
-            .map_err(sq)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(sq)?;
     }
     tx.commit().map_err(sq)
 }
 
 fn sq(inner: &Inner, source: rusqlite::Error) -> StoreError {
-    StoreError::Sqlite {
-        path: inner.path.display().to_string(),
-        source,
-    }
+    StoreError::Sqlite { path: inner.path.display().to_string(), source }
 }
 
 /// Lock a mutex, recovering from poisoning (a panicked holder leaves SQLite consistent).
@@ -742,20 +676,12 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o750)
-        .create(dir)
+    std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)
 }
 
 fn create_private_file(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
@@ -769,19 +695,11 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn rec(id: &str, created: i64) -> Record {
-        Record {
-            id: id.into(),
-            created,
-            body: format!(r#"{{"_id":"{id}","createdAt":"x"}}"#),
-        }
+        Record { id: id.into(), created, body: format!(r#"{{"_id":"{id}","createdAt":"x"}}"#) }
     }
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap()
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
     }
 
     #[test]
@@ -790,19 +708,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sub/state.db");
         drop(Store::open(&p).unwrap());
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         let c = Connection::open(&p).unwrap();
         c.pragma_update(None, "user_version", 99).unwrap();
         drop(c);
         let before = std::fs::read(&p).unwrap();
         let e = Store::open(&p).err().unwrap().to_string();
-        assert!(
-            e.contains("newer opsera-shipper") && e.contains("state.db"),
-            "{e}"
-        );
+        assert!(e.contains("newer opsera-shipper") && e.contains("state.db"), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), before);
     }
 
@@ -816,10 +728,7 @@ mod tests {
             s.commit_cursor("a", 2, None, 0).await.unwrap();
             assert_eq!(s.backlog().0, 0);
             s.ingest("u", vec![rec("3", 3)]).await.unwrap();
-            let b = s
-                .read_batch(2, Arc::from(vec!["u".to_string()]), 10, 1 << 20)
-                .await
-                .unwrap();
+            let b = s.read_batch(2, Arc::from(vec!["u".to_string()]), 10, 1 << 20).await.unwrap();
             assert_eq!(b.rows.len(), 1);
             assert_eq!(b.rows[0].seq, 3);
         });

@@ -21,47 +21,19 @@ async fn check(text: &str, env: &[(&str, &str)]) -> (Option<i32>, String, String
     let p = dir.path().join("bad.toml");
     std::fs::write(&p, text).unwrap();
     let o = run_bin(&["check-config", "--config", p.to_str().unwrap()], env).await;
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr(&o),
-    )
+    (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), stderr(&o))
 }
 
 #[tokio::test]
 async fn bad_configs_exit_78_naming_the_key() {
     let cases: Vec<(String, &str)> = vec![
-        (
-            BASE.replace("[state]", "[state]\nmax_bufered_records = 5"),
-            "max_bufered_records",
-        ),
-        (
-            format!("{BASE}\n[streams.user_activity]\ninterval = \"often\"\n"),
-            "streams.user_activity.interval",
-        ),
-        (
-            BASE.replace(
-                "token = \"t\"",
-                "token_file = \"/nonexistent/opsera-token\"",
-            ),
-            "api.token_file",
-        ),
-        (
-            BASE.replace("http://127.0.0.1:9", "http://opsera.example.com"),
-            "api.base_url",
-        ),
-        (
-            format!("{BASE}\n[streams.user_activity]\npage_size = 5000\n"),
-            "streams.user_activity.page_size",
-        ),
-        (
-            format!("{BASE}\n[streams.audit_trail]\ninterval = \"1m\"\n"),
-            "streams.audit_trail",
-        ),
-        (
-            BASE.replace("type = \"file\"", "type = \"carrier-pigeon\""),
-            "carrier-pigeon",
-        ),
+        (BASE.replace("[state]", "[state]\nmax_bufered_records = 5"), "max_bufered_records"),
+        (format!("{BASE}\n[streams.user_activity]\ninterval = \"often\"\n"), "streams.user_activity.interval"),
+        (BASE.replace("token = \"t\"", "token_file = \"/nonexistent/opsera-token\""), "api.token_file"),
+        (BASE.replace("http://127.0.0.1:9", "http://opsera.example.com"), "api.base_url"),
+        (format!("{BASE}\n[streams.user_activity]\npage_size = 5000\n"), "streams.user_activity.page_size"),
+        (format!("{BASE}\n[streams.audit_trail]\ninterval = \"1m\"\n"), "streams.audit_trail"),
+        (BASE.replace("type = \"file\"", "type = \"carrier-pigeon\""), "carrier-pigeon"),
         (BASE.replace("token = \"t\"\n", ""), "no API token"),
         ("this is not toml".to_string(), "bad.toml"),
     ];
@@ -69,20 +41,13 @@ async fn bad_configs_exit_78_naming_the_key() {
         let (code, _, err) = check(&text, &[]).await;
         assert_eq!(code, Some(78), "expected exit 78 for {key}: {err}");
         assert!(err.contains(key), "message should name {key}: {err}");
-        assert!(
-            err.contains("bad.toml"),
-            "message should name the file: {err}"
-        );
+        assert!(err.contains("bad.toml"), "message should name the file: {err}");
     }
 }
 
 #[tokio::test]
 async fn missing_config_file_is_a_config_error() {
-    let o = run_bin(
-        &["check-config", "--config", "/nonexistent/config.toml"],
-        &[],
-    )
-    .await;
+    let o = run_bin(&["check-config", "--config", "/nonexistent/config.toml"], &[]).await;
     assert_eq!(o.status.code(), Some(78));
     assert!(stderr(&o).contains("/nonexistent/config.toml"));
 }
@@ -100,20 +65,10 @@ async fn environment_overrides_apply_and_check_config_masks_secrets() {
     .await;
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("interval = \"1m 30s\""), "{out}");
-    assert!(
-        out.contains("environment OPSERA_SHIPPER__API__TOKEN"),
-        "{out}"
-    );
+    assert!(out.contains("environment OPSERA_SHIPPER__API__TOKEN"), "{out}");
     assert!(!out.contains("00123"), "the token must be masked: {out}");
-    assert!(
-        out.contains("timeout = \"30s\""),
-        "an empty variable does not override: {out}"
-    );
-    let (code, _, err) = check(
-        BASE,
-        &[("OPSERA_SHIPPER__STREAMS__USER_ACTIVITY__INTERVAL", "soon")],
-    )
-    .await;
+    assert!(out.contains("timeout = \"30s\""), "an empty variable does not override: {out}");
+    let (code, _, err) = check(BASE, &[("OPSERA_SHIPPER__STREAMS__USER_ACTIVITY__INTERVAL", "soon")]).await;
     assert_eq!(code, Some(78));
     assert!(err.contains("streams.user_activity.interval"), "{err}");
 }
@@ -123,16 +78,10 @@ async fn token_file_is_trimmed_and_preferred() {
     let dir = tempfile::tempdir().unwrap();
     let tf = dir.path().join("token");
     std::fs::write(&tf, "  file-token \n").unwrap();
-    let text = BASE.replace(
-        "token = \"t\"",
-        &format!("token = \"t\"\ntoken_file = {:?}", tf.display().to_string()),
-    );
+    let text = BASE.replace("token = \"t\"", &format!("token = \"t\"\ntoken_file = {:?}", tf.display().to_string()));
     let (code, out, err) = check(&text, &[("OPSERA_SHIPPER__API__TOKEN", "env-token")]).await;
     assert_eq!(code, Some(0), "{err}");
-    assert!(
-        out.contains(&format!("from file {}", tf.display())),
-        "{out}"
-    );
+    assert!(out.contains(&format!("from file {}", tf.display())), "{out}");
 }
 
 #[tokio::test]
@@ -140,11 +89,7 @@ async fn shipped_configs_parse() {
     let root = env!("CARGO_MANIFEST_DIR");
     for name in ["config/opsera-shipper.toml", "config/demo.toml"] {
         let p = format!("{root}/{name}");
-        let o = run_bin(
-            &["check-config", "--config", &p],
-            &[("OPSERA_SHIPPER__API__TOKEN", "x")],
-        )
-        .await;
+        let o = run_bin(&["check-config", "--config", &p], &[("OPSERA_SHIPPER__API__TOKEN", "x")]).await;
         // The reference config names a token file that does not exist here; point it elsewhere.
         let text = std::fs::read_to_string(&p).unwrap();
         if text.contains("\ntoken_file") {

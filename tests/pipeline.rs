@@ -47,17 +47,12 @@ async fn second_once_delivers_only_new_and_late_records() {
     let before = std::fs::read(h.out()).unwrap();
     let o = h.run(&["once", "--config", c]).await;
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(
-        std::fs::read(h.out()).unwrap(),
-        before,
-        "a second once with no new data wrote something"
-    );
+    assert_eq!(std::fs::read(h.out()).unwrap(), before, "a second once with no new data wrote something");
 
     // New records, and a late one written inside the overlap (older than the watermark).
-    let wm = opsera_shipper::window::parse_timestamp(
-        &watermark(&status_json(&h, &cfg).await, "user_activity").unwrap(),
-    )
-    .unwrap();
+    let wm =
+        opsera_shipper::window::parse_timestamp(&watermark(&status_json(&h, &cfg).await, "user_activity").unwrap())
+            .unwrap();
     let now = h.sim.now();
     let fresh = h.sim.add_user_at(20, now - 3 * MINUTE);
     let late = h.sim.add_user_at(1, wm - 2 * MINUTE);
@@ -77,14 +72,8 @@ async fn second_once_delivers_only_new_and_late_records() {
 async fn records_arriving_while_paging_are_neither_lost_nor_duplicated() {
     // The server's clock is 3 minutes behind ours, so records it creates
     // "now" fall inside our window and push older records onto later pages.
-    let h = Harness::new(SimOptions {
-        skew_ms: -3 * MINUTE,
-        ..opts(1_200, 0)
-    })
-    .await;
-    let cfg = h.config(&format!(
-        "{ONE_STREAM}[streams.user_activity]\npage_size = 100\n"
-    ));
+    let h = Harness::new(SimOptions { skew_ms: -3 * MINUTE, ..opts(1_200, 0) }).await;
+    let cfg = h.config(&format!("{ONE_STREAM}[streams.user_activity]\npage_size = 100\n"));
     let c = cfg.to_str().unwrap();
     h.sim.set_insert_while_paging(3, 0);
     let o = h.run(&["once", "--config", c]).await;
@@ -104,31 +93,16 @@ async fn records_arriving_while_paging_are_neither_lost_nor_duplicated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_and_server_errors_are_retried() {
     let h = Harness::new(opts(800, 100)).await;
-    h.sim.push_fault(Fault::Status {
-        code: 429,
-        retry_after: Some(1),
-    });
-    h.sim.push_fault(Fault::Status {
-        code: 500,
-        retry_after: None,
-    });
-    h.sim.push_fault(Fault::Status {
-        code: 503,
-        retry_after: None,
-    });
-    h.sim.push_fault(Fault::Status {
-        code: 429,
-        retry_after: Some(1),
-    });
+    h.sim.push_fault(Fault::Status { code: 429, retry_after: Some(1) });
+    h.sim.push_fault(Fault::Status { code: 500, retry_after: None });
+    h.sim.push_fault(Fault::Status { code: 503, retry_after: None });
+    h.sim.push_fault(Fault::Status { code: 429, retry_after: Some(1) });
     let cfg = h.config("[streams.user_activity]\npage_size = 200\n");
     let before = h.sim.requests();
     let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("retrying"), "retries are logged");
-    assert!(
-        h.sim.requests() - before >= 4 + 4 + 1,
-        "the failed requests were retried"
-    );
+    assert!(h.sim.requests() - before > 4 + 4, "the failed requests were retried");
     h.assert_exactly_once();
 }
 
@@ -147,34 +121,14 @@ async fn malformed_page_is_rejected_whole_and_the_watermark_stays() {
         let o = h.run(&["once", "--config", c]).await;
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(75), "{fault:?}: {err}");
-        assert!(
-            err.contains("/api/v2/logs/audit/user?"),
-            "{fault:?}: the error names the URL: {err}"
-        );
+        assert!(err.contains("/api/v2/logs/audit/user?"), "{fault:?}: the error names the URL: {err}");
         assert!(err.contains("bad response"), "{fault:?}: {err}");
-        assert_eq!(
-            h.lines().len(),
-            lines_before,
-            "{fault:?}: nothing of a bad page is stored or delivered"
-        );
+        assert_eq!(h.lines().len(), lines_before, "{fault:?}: nothing of a bad page is stored or delivered");
         let st = status_json(&h, &cfg).await;
-        assert_eq!(
-            watermark(&st, "user_activity"),
-            wm_before,
-            "{fault:?}: watermark moved"
-        );
-        let stream = st["streams"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == "user_activity")
-            .unwrap()
-            .clone();
+        assert_eq!(watermark(&st, "user_activity"), wm_before, "{fault:?}: watermark moved");
+        let stream = st["streams"].as_array().unwrap().iter().find(|s| s["name"] == "user_activity").unwrap().clone();
         assert!(
-            stream["last_error"]
-                .as_str()
-                .unwrap_or("")
-                .contains("bad response"),
+            stream["last_error"].as_str().unwrap_or("").contains("bad response"),
             "{fault:?}: status shows the error"
         );
 
@@ -190,9 +144,7 @@ async fn sink_that_cannot_deliver_exits_75_and_loses_nothing() {
     let h = Harness::new(opts(200, 20)).await;
     // /dev/full accepts the open and fails every write with ENOSPC.
     let cfg = h.config_with("[sinks.archive]\ntype = \"file\"\npath = \"/dev/full\"\n");
-    let o = h
-        .run(&["once", "--timeout", "2s", "--config", cfg.to_str().unwrap()])
-        .await;
+    let o = h.run(&["once", "--timeout", "2s", "--config", cfg.to_str().unwrap()]).await;
     assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
     assert!(stderr(&o).contains("stay in the journal"), "{}", stderr(&o));
     // The same sink, now writable: everything arrives, once.
@@ -212,11 +164,7 @@ async fn small_journal_bound_makes_pollers_wait_not_fail() {
     // max_buffered_records belongs to [state]: config_with puts `rest` right after it.
     let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("Journal is full"),
-        "backpressure engaged: {}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("Journal is full"), "backpressure engaged: {}", stderr(&o));
     h.assert_exactly_once();
 }
 
@@ -227,21 +175,13 @@ async fn v1_day_at_the_cap_is_reported_loudly() {
     // 1,200 records within one UTC day that is certainly complete: yesterday's noon.
     let noon = opsera_shipper::window::floor_to(now, 86_400_000) - 12 * 3_600_000;
     h.sim.add_user_at(1_200, noon);
-    let cfg = h.config(&format!(
-        "{ONE_STREAM}[streams.user_activity]\napi = \"v1\"\n"
-    ));
+    let cfg = h.config(&format!("{ONE_STREAM}[streams.user_activity]\napi = \"v1\"\n"));
     let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("TRUNCATED"), "{}", stderr(&o));
     assert_eq!(h.lines().len(), 1_000);
     let st = status_json(&h, &cfg).await;
-    let s = st["streams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "user_activity")
-        .unwrap()
-        .clone();
+    let s = st["streams"].as_array().unwrap().iter().find(|s| s["name"] == "user_activity").unwrap().clone();
     assert!(s["truncated_days"].as_i64().unwrap() >= 1);
 }
 
@@ -249,63 +189,36 @@ async fn v1_day_at_the_cap_is_reported_loudly() {
 async fn rejected_token_exits_77_with_a_clear_message() {
     let h = Harness::new(opts(10, 0)).await;
     let cfg = h.config("");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(h.sim.token(), "wrong-token");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(h.sim.token(), "wrong-token");
     std::fs::write(&cfg, text).unwrap();
     let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
     assert_eq!(o.status.code(), Some(77), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("Security Logs (Read Only)"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("Security Logs (Read Only)"), "{}", stderr(&o));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_never_appears_in_output_even_at_trace() {
-    let h = Harness::new(SimOptions {
-        token: "s3cr3t-T0KEN-value-4242".into(),
-        ..opts(300, 30)
-    })
-    .await;
-    h.sim.push_fault(Fault::Status {
-        code: 500,
-        retry_after: None,
-    });
-    let cfg = h.config(&format!("[sinks.console]\ntype = \"stdout\"\n"));
-    let o = run_bin(
-        &["once", "--config", cfg.to_str().unwrap()],
-        &[("RUST_LOG", "trace")],
-    )
-    .await;
+    let h = Harness::new(SimOptions { token: "s3cr3t-T0KEN-value-4242".into(), ..opts(300, 30) }).await;
+    h.sim.push_fault(Fault::Status { code: 500, retry_after: None });
+    let cfg = h.config("[sinks.console]\ntype = \"stdout\"\n");
+    let o = run_bin(&["once", "--config", cfg.to_str().unwrap()], &[("RUST_LOG", "trace")]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
     assert!(all.len() > 10_000, "trace logging produced output");
     assert!(!all.contains("s3cr3t-T0KEN-value-4242"), "the token leaked");
     // The stdout sink got the records; the file sink too.
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|l| l.starts_with("{\"_id\""))
-            .count(),
-        330
-    );
-    let o = run_bin(
-        &["check-config", "--config", cfg.to_str().unwrap()],
-        &[("RUST_LOG", "trace")],
-    )
-    .await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("{\"_id\"")).count(), 330);
+    let o = run_bin(&["check-config", "--config", cfg.to_str().unwrap()], &[("RUST_LOG", "trace")]).await;
     assert!(o.status.success());
-    assert!(
-        !format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o)).contains("s3cr3t-T0KEN")
-    );
+    assert!(!format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o)).contains("s3cr3t-T0KEN"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_daemon_resumes_from_its_checkpoint() {
     let h = Harness::new(opts(2_000, 200)).await;
-    let cfg = h.config("[streams.user_activity]\ninterval = \"1s\"\npage_size = 250\n[streams.token_activity]\ninterval = \"1s\"\n");
+    let cfg = h.config(
+        "[streams.user_activity]\ninterval = \"1s\"\npage_size = 250\n[streams.token_activity]\ninterval = \"1s\"\n",
+    );
     let c = cfg.to_str().unwrap().to_string();
     let mut child = tokio::process::Command::new(BIN)
         .args(["run", "--config", &c])
@@ -330,10 +243,7 @@ async fn killed_daemon_resumes_from_its_checkpoint() {
     // SIGTERM: a clean stop with exit 0.
     let pid = child.id().unwrap() as i32;
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(0));
     h.assert_exactly_once();
 }
@@ -344,9 +254,7 @@ async fn reset_redelivers_a_stream_from_the_given_time() {
     let cfg = h.config("");
     let c = cfg.to_str().unwrap();
     assert!(h.run(&["once", "--config", c]).await.status.success());
-    let o = h
-        .run(&["reset", "--stream", "token_activity", "--config", c])
-        .await;
+    let o = h.run(&["reset", "--stream", "token_activity", "--config", c]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(h.run(&["once", "--config", c]).await.status.success());
     // Token records twice (reset asked for it), user records once.
@@ -359,18 +267,10 @@ async fn reset_redelivers_a_stream_from_the_given_time() {
 async fn demo_runs_the_real_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("demo");
-    let o = run_bin(
-        &["demo", "--duration", "3s", "--dir", d.to_str().unwrap()],
-        &[],
-    )
-    .await;
+    let o = run_bin(&["demo", "--duration", "3s", "--dir", d.to_str().unwrap()], &[]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     let lines = read_lines(&d.join("audit.jsonl"));
-    assert!(
-        lines.len() >= 2_900,
-        "the demo's backlog was shipped: {}",
-        lines.len()
-    );
+    assert!(lines.len() >= 2_900, "the demo's backlog was shipped: {}", lines.len());
     let ids: std::collections::HashSet<String> = lines.iter().map(|l| id_of(l)).collect();
     assert_eq!(ids.len(), lines.len(), "the demo shipped a record twice");
     assert!(d.join("state.db").exists());

@@ -30,17 +30,9 @@ pub enum ApiError {
     )]
     Auth { url: String, status: u16 },
     #[error("{url}: HTTP {status}: the API refused the request: {body}")]
-    Rejected {
-        url: String,
-        status: u16,
-        body: String,
-    },
+    Rejected { url: String, status: u16, body: String },
     #[error("{url}: API unavailable after {attempts} attempts: {reason}")]
-    Unavailable {
-        url: String,
-        attempts: u32,
-        reason: String,
-    },
+    Unavailable { url: String, attempts: u32, reason: String },
     #[error("{url}: bad response: {reason}; nothing of it was stored")]
     BadResponse { url: String, reason: String },
     #[error("cancelled")]
@@ -111,10 +103,7 @@ impl Client {
     pub fn url(&self, path: &str, query: &[(String, String)]) -> String {
         let mut u = format!("{}{}", self.base_url, path);
         if !query.is_empty() {
-            let q: Vec<String> = query
-                .iter()
-                .map(|(k, v)| format!("{k}={}", urlencode(v)))
-                .collect();
+            let q: Vec<String> = query.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect();
             u.push('?');
             u.push_str(&q.join("&"));
         }
@@ -151,17 +140,10 @@ impl Client {
                     return Ok(page);
                 }
                 Attempt::Fatal(e) => return Err(e),
-                Attempt::Retry {
-                    reason,
-                    retry_after,
-                } => (reason, retry_after),
+                Attempt::Retry { reason, retry_after } => (reason, retry_after),
             };
             let Some(backoff) = delays.next() else {
-                return Err(ApiError::Unavailable {
-                    url,
-                    attempts,
-                    reason,
-                });
+                return Err(ApiError::Unavailable { url, attempts, reason });
             };
             let delay = match retry_after {
                 Some(ra) => backoff.max(ra.min(MAX_RETRY_AFTER)),
@@ -190,42 +172,27 @@ impl Client {
         let resp = match self.http.get(url).header(AUTHORIZATION, auth).send().await {
             Ok(r) => r,
             Err(e) => {
-                return Attempt::Retry {
-                    reason: describe_reqwest(&e),
-                    retry_after: None,
-                };
+                return Attempt::Retry { reason: describe_reqwest(&e), retry_after: None };
             }
         };
         let status = resp.status();
         let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            return Attempt::Fatal(ApiError::Auth {
-                url: url.into(),
-                status: status.as_u16(),
-            });
+            return Attempt::Fatal(ApiError::Auth { url: url.into(), status: status.as_u16() });
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            return Attempt::Retry {
-                reason: format!("HTTP {}", status.as_u16()),
-                retry_after,
-            };
+            return Attempt::Retry { reason: format!("HTTP {}", status.as_u16()), retry_after };
         }
         let body = match read_capped(resp, self.max_response_bytes).await {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
                 return Attempt::Fatal(ApiError::BadResponse {
                     url: url.into(),
-                    reason: format!(
-                        "body larger than api.max_response_bytes ({} bytes)",
-                        self.max_response_bytes
-                    ),
+                    reason: format!("body larger than api.max_response_bytes ({} bytes)", self.max_response_bytes),
                 });
             }
             Err(BodyError::Io(reason)) => {
-                return Attempt::Retry {
-                    reason,
-                    retry_after: None,
-                };
+                return Attempt::Retry { reason, retry_after: None };
             }
         };
         if !status.is_success() {
@@ -237,10 +204,7 @@ impl Client {
         }
         match parse_page(&body, meaning) {
             Ok(p) => Attempt::Done(p),
-            Err(reason) => Attempt::Fatal(ApiError::BadResponse {
-                url: url.into(),
-                reason,
-            }),
+            Err(reason) => Attempt::Fatal(ApiError::BadResponse { url: url.into(), reason }),
         }
     }
 }
@@ -248,10 +212,7 @@ impl Client {
 enum Attempt {
     Done(Page),
     Fatal(ApiError),
-    Retry {
-        reason: String,
-        retry_after: Option<Duration>,
-    },
+    Retry { reason: String, retry_after: Option<Duration> },
 }
 
 enum BodyError {
@@ -274,10 +235,7 @@ async fn read_capped(mut resp: reqwest::Response, cap: u64) -> Result<Vec<u8>, B
             }
             Ok(None) => return Ok(buf),
             Err(e) => {
-                return Err(BodyError::Io(format!(
-                    "reading the body: {}",
-                    describe_reqwest(&e)
-                )));
+                return Err(BodyError::Io(format!("reading the body: {}", describe_reqwest(&e))));
             }
         }
     }
@@ -317,9 +275,7 @@ fn urlencode(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
-                o.push(b as char)
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => o.push(b as char),
             _ => o.push_str(&format!("%{b:02X}")),
         }
     }
@@ -332,14 +288,8 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
-        assert_eq!(
-            parse_retry_after(&HeaderValue::from_static("7")),
-            Some(Duration::from_secs(7))
-        );
-        assert_eq!(
-            parse_retry_after(&HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT")),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("7")), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT")), Some(Duration::ZERO));
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
     }
 

@@ -60,23 +60,16 @@ const MAX_ID_LEN: usize = 128;
 /// Parse a response body. Errors say what was wrong, without the URL (the caller adds it).
 pub fn parse_page(body: &[u8], meaning: CountMeaning) -> Result<Page, String> {
     let env: Envelope = serde_json::from_slice(body).map_err(|e| {
-        format!(
-            "response is not a JSON object with count and data ({e}); body starts with {}",
-            snippet(body)
-        )
+        format!("response is not a JSON object with count and data ({e}); body starts with {}", snippet(body))
     })?;
     let data = env.data.ok_or("response has no \"data\" field")?;
-    let items: Vec<&RawValue> =
-        serde_json::from_str(data.get()).map_err(|_| "\"data\" is not an array".to_string())?;
+    let items: Vec<&RawValue> = serde_json::from_str(data.get()).map_err(|_| "\"data\" is not an array".to_string())?;
     let count = match env.count {
         None => None,
         Some(c) => match serde_json::from_str::<u64>(c.get()) {
             Ok(n) => Some(n),
             Err(_) => {
-                return Err(format!(
-                    "\"count\" is {} , not a non-negative integer",
-                    c.get()
-                ));
+                return Err(format!("\"count\" is {} , not a non-negative integer", c.get()));
             }
         },
     };
@@ -112,40 +105,23 @@ fn parse_record(raw: &RawValue) -> Result<Record, String> {
         .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
         .ok_or("\"_id\" is missing or not a string")?;
     if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
-        return Err(format!(
-            "\"_id\" {:?} is empty, too long or holds control characters",
-            truncate(&id, 40)
-        ));
+        return Err(format!("\"_id\" {:?} is empty, too long or holds control characters", truncate(&id, 40)));
     }
     let created_text: String = head
         .created
         .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
         .ok_or_else(|| format!("record {id}: \"createdAt\" is missing or not a string"))?;
     let created = parse_timestamp(&created_text).ok_or_else(|| {
-        format!(
-            "record {id}: \"createdAt\" {:?} is not an ISO-8601 timestamp",
-            truncate(&created_text, 40)
-        )
+        format!("record {id}: \"createdAt\" {:?} is not an ISO-8601 timestamp", truncate(&created_text, 40))
     })?;
-    Ok(Record {
-        id,
-        created,
-        body: text.to_string(),
-    })
+    Ok(Record { id, created, body: text.to_string() })
 }
 
 /// The first bytes of a body, printable, for error messages.
 pub fn snippet(body: &[u8]) -> String {
     let s = String::from_utf8_lossy(&body[..body.len().min(120)]);
-    let cleaned: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if body.len() > 120 {
-        format!("{cleaned:?}…")
-    } else {
-        format!("{cleaned:?}")
-    }
+    let cleaned: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if body.len() > 120 { format!("{cleaned:?}…") } else { format!("{cleaned:?}") }
 }
 
 fn truncate(s: &str, n: usize) -> &str {
@@ -177,43 +153,26 @@ mod tests {
             (r#"{"count":1}"#, "no \"data\""),
             (r#"{"count":1,"data":{}}"#, "not an array"),
             (r#"{"count":-1,"data":[]}"#, "\"count\""),
-            (
-                r#"{"count":0,"data":[{"_id":"a","createdAt":"2021-07-30T16:13:52.109Z"}]}"#,
-                "cannot be smaller",
-            ),
-            (
-                r#"{"count":1,"data":[{"createdAt":"2021-07-30T16:13:52.109Z"}]}"#,
-                "\"_id\" is missing",
-            ),
+            (r#"{"count":0,"data":[{"_id":"a","createdAt":"2021-07-30T16:13:52.109Z"}]}"#, "cannot be smaller"),
+            (r#"{"count":1,"data":[{"createdAt":"2021-07-30T16:13:52.109Z"}]}"#, "\"_id\" is missing"),
             (
                 r#"{"count":1,"data":[{"_id":5,"createdAt":"2021-07-30T16:13:52.109Z"}]}"#,
                 "\"_id\" is missing or not a string",
             ),
-            (
-                r#"{"count":1,"data":[{"_id":"a","createdAt":"last tuesday"}]}"#,
-                "not an ISO-8601",
-            ),
+            (r#"{"count":1,"data":[{"_id":"a","createdAt":"last tuesday"}]}"#, "not an ISO-8601"),
             (r#"{"count":1,"data":[7]}"#, "not a JSON object"),
         ];
         for (body, want) in cases {
             let e = parse_page(body.as_bytes(), CountMeaning::Total).unwrap_err();
             assert!(e.contains(want), "{body}: {e}");
         }
-        let e = parse_page(
-            format!(r#"{{"count":2,"data":[{REC}]}}"#).as_bytes(),
-            CountMeaning::Returned,
-        )
-        .unwrap_err();
+        let e = parse_page(format!(r#"{{"count":2,"data":[{REC}]}}"#).as_bytes(), CountMeaning::Returned).unwrap_err();
         assert!(e.contains("holds 1"), "{e}");
     }
 
     #[test]
     fn count_may_be_absent() {
-        let p = parse_page(
-            format!(r#"{{"data":[{REC}]}}"#).as_bytes(),
-            CountMeaning::Returned,
-        )
-        .unwrap();
+        let p = parse_page(format!(r#"{{"data":[{REC}]}}"#).as_bytes(), CountMeaning::Returned).unwrap();
         assert_eq!(p.count, None);
         assert_eq!(p.records.len(), 1);
     }

@@ -40,17 +40,10 @@ pub trait Sink: Send {
 }
 
 /// Build the sink `cfg` describes; `committed` is its last committed file position.
-pub async fn build(
-    cfg: &SinkConfig,
-    committed: Option<FilePos>,
-) -> Result<Box<dyn Sink>, SinkError> {
-    let lines = LineFormat {
-        stream_field: cfg.stream_field.clone(),
-    };
+pub async fn build(cfg: &SinkConfig, committed: Option<FilePos>) -> Result<Box<dyn Sink>, SinkError> {
+    let lines = LineFormat { stream_field: cfg.stream_field.clone() };
     Ok(match &cfg.kind {
-        SinkKind::File { path } => {
-            Box::new(FileSink::open(&cfg.name, path.clone(), lines, committed).await?)
-        }
+        SinkKind::File { path } => Box::new(FileSink::open(&cfg.name, path.clone(), lines, committed).await?),
         SinkKind::Stdout => Box::new(StdoutSink::new(lines)),
     })
 }
@@ -67,11 +60,8 @@ impl LineFormat {
     /// The record's original text is kept; only whitespace outside strings
     /// is removed when the text spans several lines.
     pub fn push_line(&self, row: &JournalRow, out: &mut String) {
-        let body: Cow<str> = if row.body.contains(['\n', '\r']) {
-            Cow::Owned(minify(&row.body))
-        } else {
-            Cow::Borrowed(&row.body)
-        };
+        let body: Cow<str> =
+            if row.body.contains(['\n', '\r']) { Cow::Owned(minify(&row.body)) } else { Cow::Borrowed(&row.body) };
         let body = body.trim();
         match &self.stream_field {
             Some(f) if body.starts_with('{') && !has_top_level_key(body, f) => {
@@ -127,30 +117,20 @@ mod tests {
     use proptest::prelude::*;
 
     fn row(body: &str) -> JournalRow {
-        JournalRow {
-            seq: 1,
-            stream: "user_activity".into(),
-            id: "a".into(),
-            created: 0,
-            body: body.into(),
-        }
+        JournalRow { seq: 1, stream: "user_activity".into(), id: "a".into(), created: 0, body: body.into() }
     }
 
     #[test]
     fn pretty_records_become_one_line_with_tokens_unchanged() {
         let mut out = String::new();
-        LineFormat::default().push_line(
-            &row("{\n  \"_id\": \"a b\",\n  \"x\": 1.50,\n  \"s\": \"q\\\" \\n\"\n}"),
-            &mut out,
-        );
+        LineFormat::default()
+            .push_line(&row("{\n  \"_id\": \"a b\",\n  \"x\": 1.50,\n  \"s\": \"q\\\" \\n\"\n}"), &mut out);
         assert_eq!(out, "{\"_id\":\"a b\",\"x\":1.50,\"s\":\"q\\\" \\n\"}\n");
     }
 
     #[test]
     fn stream_field_is_added_once() {
-        let f = LineFormat {
-            stream_field: Some("opsera_stream".into()),
-        };
+        let f = LineFormat { stream_field: Some("opsera_stream".into()) };
         let mut out = String::new();
         f.push_line(&row(r#"{"_id":"a"}"#), &mut out);
         f.push_line(&row(r#"{"_id":"b","opsera_stream":"mine"}"#), &mut out);

@@ -15,10 +15,7 @@ pub struct StdoutSink {
 
 impl StdoutSink {
     pub fn new(lines: LineFormat) -> Self {
-        Self {
-            lines,
-            out: tokio::io::stdout(),
-        }
+        Self { lines, out: tokio::io::stdout() }
     }
 }
 
@@ -33,10 +30,7 @@ impl Sink for StdoutSink {
             .write_all(buf.as_bytes())
             .await
             .map_err(|e| SinkError::Retryable(format!("writing to stdout: {e}")))?;
-        self.out
-            .flush()
-            .await
-            .map_err(|e| SinkError::Retryable(format!("flushing stdout: {e}")))?;
+        self.out.flush().await.map_err(|e| SinkError::Retryable(format!("flushing stdout: {e}")))?;
         Ok(None)
     }
 }

@@ -21,10 +21,7 @@ pub struct Harness {
 impl Harness {
     pub async fn new(opts: SimOptions) -> Harness {
         let sim = Simulator::start(opts).await.expect("start simulator");
-        Harness {
-            dir: tempfile::tempdir().expect("tempdir"),
-            sim,
-        }
+        Harness { dir: tempfile::tempdir().expect("tempdir"), sim }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -68,11 +65,7 @@ impl Harness {
 
     /// Every record the simulator holds, as id → compact JSON text.
     pub fn served(&self) -> HashMap<String, String> {
-        self.sim
-            .user_records()
-            .into_iter()
-            .chain(self.sim.token_records())
-            .collect()
+        self.sim.user_records().into_iter().chain(self.sim.token_records()).collect()
     }
 
     /// Assert the output holds every served record exactly once, byte for byte.
@@ -84,10 +77,7 @@ impl Harness {
 pub fn read_lines(p: &Path) -> Vec<String> {
     match std::fs::read_to_string(p) {
         Ok(t) => {
-            assert!(
-                t.is_empty() || t.ends_with('\n'),
-                "output ends with a torn line"
-            );
+            assert!(t.is_empty() || t.ends_with('\n'), "output ends with a torn line");
             t.lines().map(String::from).collect()
         }
         Err(_) => Vec::new(),
@@ -95,8 +85,8 @@ pub fn read_lines(p: &Path) -> Vec<String> {
 }
 
 pub fn id_of(line: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("output line is not JSON ({e}): {line}"));
+    let v: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("output line is not JSON ({e}): {line}"));
     v["_id"].as_str().expect("_id").to_string()
 }
 
@@ -105,20 +95,13 @@ pub fn assert_exactly_once(lines: &[String], served: &HashMap<String, String>) {
     for l in lines {
         let id = id_of(l);
         *seen.entry(id.clone()).or_insert(0) += 1;
-        let want = served
-            .get(&id)
-            .unwrap_or_else(|| panic!("output has a record the server never served: {id}"));
+        let want = served.get(&id).unwrap_or_else(|| panic!("output has a record the server never served: {id}"));
         assert_eq!(l, want, "record {id} was changed on the way");
     }
     let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dups.is_empty(), "records written more than once: {dups:?}");
     let missing: Vec<_> = served.keys().filter(|id| !seen.contains_key(*id)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} served records missing from the output, e.g. {:?}",
-        missing.len(),
-        missing.first()
-    );
+    assert!(missing.is_empty(), "{} served records missing from the output, e.g. {:?}", missing.len(), missing.first());
 }
 
 pub async fn run_bin(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -149,28 +132,16 @@ pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 pub fn opts(user: usize, tokens: usize) -> SimOptions {
-    SimOptions {
-        user_backlog: user,
-        token_backlog: tokens,
-        ..SimOptions::default()
-    }
+    SimOptions { user_backlog: user, token_backlog: tokens, ..SimOptions::default() }
 }
 
 /// `status --json` of the harness's config.
 pub async fn status_json(h: &Harness, cfg: &Path) -> serde_json::Value {
-    let o = h
-        .run(&["status", "--json", "--config", cfg.to_str().unwrap()])
-        .await;
+    let o = h.run(&["status", "--json", "--config", cfg.to_str().unwrap()]).await;
     assert!(o.status.success(), "status failed: {}", stderr(&o));
     serde_json::from_slice(&o.stdout).expect("status --json is JSON")
 }
 
 pub fn watermark(status: &serde_json::Value, stream: &str) -> Option<String> {
-    status["streams"]
-        .as_array()?
-        .iter()
-        .find(|s| s["name"] == stream)?
-        .get("watermark")?
-        .as_str()
-        .map(String::from)
+    status["streams"].as_array()?.iter().find(|s| s["name"] == stream)?.get("watermark")?.as_str().map(String::from)
 }
