@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::cli::DeadLetterAction;
 use crate::config::{self, Config, ConfigError, LoadOptions};
 use crate::dispatch::{Dispatcher, Exit};
 use crate::opsera::Client;
@@ -350,15 +351,19 @@ pub async fn status(cfg: Config, json: bool) -> Result<u8, AppError> {
         st.path, st.schema_version, st.journal_records, st.journal_bytes
     );
     println!();
-    println!("{:<16} {:<26} {:<26} {:<9} LAST ERROR", "STREAM", "WATERMARK", "LAST SUCCESS", "TRUNC.");
+    println!(
+        "{:<16} {:<26} {:<26} {:<26} {:<9} LAST ERROR",
+        "STREAM", "WATERMARK", "LAST POLL", "LAST SUCCESS", "TRUNC."
+    );
     for s in cfg.streams.iter() {
         let row = st.streams.iter().find(|r| r.name == s.name);
         let dash = || "-".to_string();
         let enabled = if s.enabled { "" } else { " (disabled)" };
         println!(
-            "{:<16} {:<26} {:<26} {:<9} {}{}",
+            "{:<16} {:<26} {:<26} {:<26} {:<9} {}{}",
             s.name,
             row.and_then(|r| r.watermark.clone()).unwrap_or_else(dash),
+            row.and_then(|r| r.last_poll.clone()).unwrap_or_else(dash),
             row.and_then(|r| r.last_success.clone()).unwrap_or_else(dash),
             row.map(|r| r.truncated_days).unwrap_or(0),
             row.and_then(|r| r.last_error.clone()).unwrap_or_else(dash),
@@ -366,16 +371,66 @@ pub async fn status(cfg: Config, json: bool) -> Result<u8, AppError> {
         );
     }
     println!();
-    println!("{:<16} {:<14} {:<12} {:<13} LAST DELIVERY", "SINK", "DELIVERED SEQ", "LAG", "DEAD LETTERS");
+    println!("{:<16} {:<14} {:<12} {:<13} {:<26} LAST ERROR", "SINK", "DELIVERED SEQ", "LAG", "DEAD LETTERS", "LAST DELIVERY");
     for s in &st.sinks {
         println!(
-            "{:<16} {:<14} {:<12} {:<13} {}",
+            "{:<16} {:<14} {:<12} {:<13} {:<26} {}",
             s.name,
             s.delivered_seq,
             s.lag_records,
             s.dead_letters,
-            s.last_delivery.clone().unwrap_or_else(|| "-".into())
+            s.last_delivery.clone().unwrap_or_else(|| "-".into()),
+            s.last_error.clone().unwrap_or_else(|| "-".into())
         );
+    }
+    Ok(exit::OK)
+}
+
+/// `dead-letters list|retry|purge`.
+pub async fn dead_letters(cfg: Config, action: DeadLetterAction) -> Result<u8, AppError> {
+    let check_sink = |s: &Option<String>| -> Result<(), AppError> {
+        match s {
+            Some(name) if !cfg.sinks.iter().any(|k| &k.name == name) => {
+                Err(AppError::Usage(format!("unknown sink '{name}' (not in {})", cfg.source.display())))
+            }
+            _ => Ok(()),
+        }
+    };
+    if !cfg.state.path.exists() {
+        println!("No state database at {} yet.", cfg.state.path.display());
+        return Ok(exit::OK);
+    }
+    let store = open_store(&cfg.state.path).await?;
+    match action {
+        DeadLetterAction::List { sink, json } => {
+            check_sink(&sink)?;
+            let list = store.dead_letters(sink).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list).map_err(|e| AppError::Other(e.into()))?);
+            } else if list.is_empty() {
+                println!("No dead letters.");
+            } else {
+                for d in list {
+                    let status = d.status.map_or("-".to_string(), |s| s.to_string());
+                    let retry = if d.retry_requested { " (retry requested)" } else { "" };
+                    println!("{}\t{}\t{}\t{}\t{}\t{}{}", d.sink, d.record_id, d.stream, status, d.at, d.reason, retry);
+                }
+            }
+        }
+        DeadLetterAction::Retry { sink, ids, all } | DeadLetterAction::Purge { sink, ids, all } if !all && sink.is_none() && ids.is_empty() => {
+            let _ = (sink, ids);
+            return Err(AppError::Usage("name --sink, --id, or --all".into()));
+        }
+        DeadLetterAction::Retry { sink, ids, .. } => {
+            check_sink(&sink)?;
+            let n = store.select_dead_letters(sink, ids, false).await?;
+            println!("{n} dead letter(s) marked for retry: the running daemon (or the next `once`) sends them again.");
+        }
+        DeadLetterAction::Purge { sink, ids, .. } => {
+            check_sink(&sink)?;
+            let n = store.select_dead_letters(sink, ids, true).await?;
+            println!("{n} dead letter(s) deleted.");
+        }
     }
     Ok(exit::OK)
 }

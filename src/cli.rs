@@ -48,6 +48,11 @@ pub enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Records a sink refused permanently: list them, send them again, or delete them.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Run the whole pipeline against a built-in simulated Opsera API (no account or config needed).
     Demo {
         /// Stop by itself after this long (default: run until Ctrl-C).
@@ -61,4 +66,38 @@ pub enum Command {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// One line per dead letter: sink, record _id, HTTP status, reason, time.
+    List {
+        #[arg(long)]
+        sink: Option<String>,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark dead letters to be sent again by their sink (by the running daemon, or the next `once`).
+    Retry {
+        #[arg(long)]
+        sink: Option<String>,
+        /// Record _id(s) to retry.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Retry every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        #[arg(long)]
+        sink: Option<String>,
+        /// Record _id(s) to delete.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Delete every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
 }

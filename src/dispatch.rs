@@ -2,11 +2,16 @@
 //! deliver a batch, and only then move the cursor.
 //!
 //! One task per sink, so a sink that is down holds back only itself; its
-//! records wait in the journal. Retryable failures are retried with capped
-//! backoff, forever (the journal's bounds make pollers wait meanwhile). A
-//! permanent failure sends the batch to dead letters with the reason, so
-//! nothing is dropped silently.
+//! records wait in the journal. Retryable failures are retried with capped,
+//! jittered backoff, forever (the journal's bounds make pollers wait
+//! meanwhile), honouring a receiver's `Retry-After`. When a receiver refuses
+//! the data, the batch is split until the refused record(s) are found; only
+//! those go to dead letters, with the reason, and everything else is
+//! delivered. Dead letters marked for retry (`dead-letters retry`) are sent
+//! again by their sink.
 
+use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,14 +20,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::sink::{Sink, SinkError};
-use crate::store::{Store, StoreError};
+use crate::sink::{Batching, Sink, SinkError};
+use crate::store::{FilePos, JournalRow, Store, StoreError};
 use crate::window::now_ms;
-
-/// Records per batch read from the journal.
-pub const BATCH_RECORDS: usize = 1000;
-/// About this many bytes per batch.
-pub const BATCH_BYTES: usize = 4 << 20;
 
 /// How the dispatcher ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,29 +39,33 @@ pub struct Dispatcher {
     store: Store,
     sink: Box<dyn Sink>,
     cursor: i64,
+    batching: Batching,
+    overhead: usize,
     min_delay: Duration,
-    max_delay: Duration,
+}
+
+/// What delivering a set of rows came to.
+enum Delivered {
+    /// Everything not listed in `refused` is delivered.
+    Done { pos: Option<FilePos>, refused: Vec<(usize, String, Option<u16>)> },
+    Cancelled,
 }
 
 impl Dispatcher {
     /// A dispatcher starting after `cursor`.
     pub fn new(name: String, streams: Vec<String>, store: Store, sink: Box<dyn Sink>, cursor: i64) -> Self {
+        let batching = sink.batching();
+        let overhead = sink.record_overhead();
         Self {
             name,
             streams: Arc::from(streams),
             store,
             sink,
             cursor,
+            batching,
+            overhead,
             min_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(30),
         }
-    }
-
-    /// Shorten the retry backoff (tests and the demo).
-    pub fn with_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.min_delay = min;
-        self.max_delay = max;
-        self
     }
 
     /// Deliver until cancelled, or until the cursor reaches the `drain` target
@@ -72,6 +76,7 @@ impl Dispatcher {
         mut drain: watch::Receiver<Option<i64>>,
         mut reopen: watch::Receiver<u64>,
     ) -> Result<Exit, StoreError> {
+        let mut partial_since: Option<tokio::time::Instant> = None;
         loop {
             if cancel.is_cancelled() {
                 return Ok(Exit::Cancelled);
@@ -82,16 +87,22 @@ impl Dispatcher {
                     warn!(sink = %self.name, error = %e, "Reopen failed; retrying at the next delivery.");
                 }
             }
+            if self.retry_dead_letters(&cancel).await? == Exit::Cancelled {
+                return Ok(Exit::Cancelled);
+            }
             let store = self.store.clone();
             let grew = store.journal_grew();
             tokio::pin!(grew);
             grew.as_mut().enable();
-            let batch = self.store.read_batch(self.cursor, self.streams.clone(), BATCH_RECORDS, BATCH_BYTES).await?;
+            let b = &self.batching;
+            let batch =
+                self.store.read_batch(self.cursor, self.streams.clone(), b.max_records, b.max_bytes, self.overhead).await?;
+            let target = *drain.borrow_and_update();
             if batch.last_seq == self.cursor {
-                let target = *drain.borrow_and_update();
                 if target.is_some_and(|t| self.cursor >= t) {
                     return Ok(Exit::Drained);
                 }
+                partial_since = None;
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(Exit::Cancelled),
                     _ = &mut grew => {}
@@ -101,22 +112,44 @@ impl Dispatcher {
                 }
                 continue;
             }
+            // A partial batch may wait up to batch_timeout for more records,
+            // unless `once` is draining and nothing more is coming.
+            let bytes: usize = batch.rows.iter().map(|r| r.body.len() + self.overhead).sum();
+            let partial = !batch.rows.is_empty()
+                && batch.rows.len() < b.max_records
+                && bytes + 4096 < b.max_bytes
+                && !b.timeout.is_zero()
+                && !target.is_some_and(|t| batch.last_seq >= t);
+            if partial {
+                let deadline = *partial_since.get_or_insert_with(tokio::time::Instant::now) + b.timeout;
+                if tokio::time::Instant::now() < deadline {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(Exit::Cancelled),
+                        _ = &mut grew => {}
+                        _ = drain.changed() => {}
+                        _ = tokio::time::sleep_until(deadline) => {}
+                    }
+                    continue;
+                }
+            }
+            partial_since = None;
             let mut pos = None;
             if !batch.rows.is_empty() {
-                match self.deliver_with_retry(&batch.rows, &cancel).await {
-                    Delivery::Done(p) => pos = p,
-                    Delivery::Cancelled => return Ok(Exit::Cancelled),
-                    Delivery::Refused(reason) => {
-                        error!(sink = %self.name, records = batch.rows.len(), %reason, "Sink refused the batch permanently; it goes to dead letters.");
-                        for row in batch.rows.iter().cloned() {
-                            self.store.dead_letter(&self.name, row, reason.clone(), now_ms()).await?;
+                match self.deliver(&batch.rows, &cancel).await {
+                    Delivered::Cancelled => return Ok(Exit::Cancelled),
+                    Delivered::Done { pos: p, refused } => {
+                        pos = p;
+                        for (i, reason, status) in refused {
+                            let row = batch.rows[i].clone();
+                            error!(sink = %self.name, record = %row.id, %reason, "Receiver refused a record; it is kept in dead letters.");
+                            self.store.dead_letter(&self.name, row, reason, status, now_ms()).await?;
                         }
                     }
                 }
                 info!(sink = %self.name, records = batch.rows.len(), through_seq = batch.last_seq, "Delivered batch.");
             }
             // Keep the committed file position when nothing was written (rows of other streams only).
-            if pos.is_none() && batch.rows.is_empty() {
+            if pos.is_none() {
                 pos = self.store.sink_cursor(&self.name).await?.file;
             }
             self.store.commit_cursor(&self.name, batch.last_seq, pos, now_ms()).await?;
@@ -125,10 +158,73 @@ impl Dispatcher {
         }
     }
 
-    async fn deliver_with_retry(&mut self, rows: &[crate::store::JournalRow], cancel: &CancellationToken) -> Delivery {
+    /// Send dead letters marked for retry; delivered ones are deleted, refused ones stay.
+    async fn retry_dead_letters(&mut self, cancel: &CancellationToken) -> Result<Exit, StoreError> {
+        loop {
+            let pending = self.store.retry_requests(&self.name, self.batching.max_records).await?;
+            if pending.is_empty() {
+                return Ok(Exit::Drained);
+            }
+            let rows: Vec<JournalRow> = pending.iter().map(|(_, r)| r.clone()).collect();
+            match self.deliver(&rows, cancel).await {
+                Delivered::Cancelled => return Ok(Exit::Cancelled),
+                Delivered::Done { pos, refused } => {
+                    for (i, (dl, row)) in pending.iter().enumerate() {
+                        let again = refused.iter().find(|(j, _, _)| *j == i).map(|(_, r, s)| (r.clone(), *s));
+                        match &again {
+                            None => info!(sink = %self.name, record = %row.id, "Dead letter delivered on retry."),
+                            Some((reason, _)) => warn!(sink = %self.name, record = %row.id, %reason, "Dead letter refused again."),
+                        }
+                        self.store.settle_retry(*dl, again, now_ms()).await?;
+                    }
+                    if pos.is_some() {
+                        self.store.commit_cursor(&self.name, self.cursor, pos, now_ms()).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deliver `rows`, splitting around refused records.
+    async fn deliver(&mut self, rows: &[JournalRow], cancel: &CancellationToken) -> Delivered {
+        let mut work: VecDeque<Range<usize>> = VecDeque::from([0..rows.len()]);
+        let mut refused = Vec::new();
+        let mut pos = None;
+        while let Some(r) = work.pop_front() {
+            match self.deliver_with_retry(&rows[r.clone()], cancel).await {
+                Attempt::Cancelled => return Delivered::Cancelled,
+                Attempt::Done(p) => pos = p.or(pos),
+                Attempt::Rejected { reason, status, bad_index } => {
+                    if r.len() == 1 {
+                        refused.push((r.start, reason, status));
+                        continue;
+                    }
+                    warn!(sink = %self.name, records = r.len(), %reason, "Receiver refused the batch; splitting it to find the refused record(s).");
+                    match bad_index.filter(|i| *i < r.len()) {
+                        Some(i) => {
+                            let (a, b) = (r.start + i, r.start + i + 1);
+                            for part in [b..r.end, a..b, r.start..a] {
+                                if !part.is_empty() {
+                                    work.push_front(part);
+                                }
+                            }
+                        }
+                        None => {
+                            let mid = r.start + r.len() / 2;
+                            work.push_front(mid..r.end);
+                            work.push_front(r.start..mid);
+                        }
+                    }
+                }
+            }
+        }
+        Delivered::Done { pos, refused }
+    }
+
+    async fn deliver_with_retry(&mut self, rows: &[JournalRow], cancel: &CancellationToken) -> Attempt {
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(self.min_delay)
-            .with_max_delay(self.max_delay)
+            .with_max_delay(self.batching.max_backoff)
             .with_jitter()
             .without_max_times()
             .build();
@@ -136,13 +232,29 @@ impl Dispatcher {
         loop {
             attempt += 1;
             match self.sink.deliver(rows).await {
-                Ok(pos) => return Delivery::Done(pos),
-                Err(SinkError::Permanent(reason)) => return Delivery::Refused(reason),
-                Err(SinkError::Retryable(reason)) => {
-                    let delay = delays.next().unwrap_or(self.max_delay);
+                Ok(pos) => {
+                    if attempt > 1 {
+                        info!(sink = %self.name, attempt, "Delivery recovered.");
+                        if let Err(e) = self.store.record_sink_error(&self.name, None).await {
+                            warn!(sink = %self.name, error = %e, "Could not clear the sink error.");
+                        }
+                    }
+                    return Attempt::Done(pos);
+                }
+                Err(SinkError::Rejected { reason, status, bad_index }) => {
+                    return Attempt::Rejected { reason, status, bad_index };
+                }
+                Err(SinkError::Retryable { reason, retry_after }) => {
+                    let backoff = delays.next().unwrap_or(self.batching.max_backoff);
+                    let delay = retry_after.map_or(backoff, |ra| ra.max(backoff));
                     warn!(sink = %self.name, attempt, %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");
+                    if attempt == 1
+                        && let Err(e) = self.store.record_sink_error(&self.name, Some(reason.clone())).await
+                    {
+                        warn!(sink = %self.name, error = %e, "Could not record the sink error.");
+                    }
                     tokio::select! {
-                        _ = cancel.cancelled() => return Delivery::Cancelled,
+                        _ = cancel.cancelled() => return Attempt::Cancelled,
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
@@ -151,8 +263,8 @@ impl Dispatcher {
     }
 }
 
-enum Delivery {
-    Done(Option<crate::store::FilePos>),
-    Refused(String),
+enum Attempt {
+    Done(Option<FilePos>),
+    Rejected { reason: String, status: Option<u16>, bad_index: Option<usize> },
     Cancelled,
 }

@@ -30,6 +30,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod http;
 mod lenient;
 pub mod opsera;
 pub mod poller;

@@ -45,6 +45,7 @@ fn run(cli: Cli) -> Result<u8, AppError> {
         Command::Once { timeout } => runtime()?.block_on(app::once(cfg, timeout)),
         Command::Status { json } => runtime()?.block_on(app::status(cfg, json)),
         Command::Reset { stream, since } => runtime()?.block_on(app::reset(cfg, &stream, since.as_deref())),
+        Command::DeadLetters { action } => runtime()?.block_on(app::dead_letters(cfg, action)),
         Command::Demo { .. } => unreachable!("handled above"),
     }
 }

@@ -72,6 +72,11 @@ const MIGRATIONS: &[&str] = &[
         reason TEXT NOT NULL,
         at INTEGER NOT NULL
      );",
+    // 2: sink errors for status; dead-letter HTTP status and retry requests
+    "ALTER TABLE sink_cursors ADD COLUMN last_error TEXT;
+     ALTER TABLE dead_letters ADD COLUMN status INTEGER;
+     ALTER TABLE dead_letters ADD COLUMN retry INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX dead_letters_by_sink ON dead_letters(sink, retry);",
 ];
 
 /// A store failure. Messages name the database file.
@@ -127,6 +132,20 @@ pub struct Batch {
     pub last_seq: i64,
 }
 
+/// A record a sink refused, kept with the reason.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub sink: String,
+    pub seq: i64,
+    pub stream: String,
+    pub record_id: String,
+    pub status: Option<u16>,
+    pub reason: String,
+    pub at: String,
+    pub retry_requested: bool,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StreamStatus {
     pub name: String,
@@ -146,6 +165,7 @@ pub struct SinkStatus {
     pub lag_records: i64,
     pub dead_letters: i64,
     pub last_delivery: Option<String>,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -189,6 +209,9 @@ impl Store {
         let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
         let mut conn = Connection::open(path).map_err(sq)?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sq)?;
+        // Refuse a newer schema before changing anything, even the journal mode.
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sq)?;
+        refuse_newer(version, path)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(sq)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(err(format!(
@@ -429,6 +452,7 @@ impl Store {
         streams: Arc<[String]>,
         limit: usize,
         max_bytes: usize,
+        overhead: usize,
     ) -> Result<Batch, StoreError> {
         self.run(move |inner, conn| {
             let mut stmt = conn
@@ -444,7 +468,10 @@ impl Store {
                 let stream: String = r.get(1).map_err(|e| sq(inner, e))?;
                 if streams.contains(&stream) {
                     let body: String = r.get(4).map_err(|e| sq(inner, e))?;
-                    bytes += body.len();
+                    if !batch.rows.is_empty() && bytes + body.len() + overhead > max_bytes {
+                        break; // this row starts the next batch
+                    }
+                    bytes += body.len() + overhead;
                     batch.rows.push(JournalRow {
                         seq,
                         stream,
@@ -454,9 +481,6 @@ impl Store {
                     });
                 }
                 batch.last_seq = seq;
-                if bytes >= max_bytes {
-                    break;
-                }
             }
             Ok(batch)
         })
@@ -483,7 +507,7 @@ impl Store {
                     "INSERT INTO sink_cursors(sink, delivered_seq, file_dev, file_ino, file_offset, updated)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT(sink) DO UPDATE SET delivered_seq = ?2, file_dev = ?3, file_ino = ?4,
-                        file_offset = ?5, updated = ?6",
+                        file_offset = ?5, updated = ?6, last_error = NULL",
                     params![
                         sink,
                         seq,
@@ -502,13 +526,134 @@ impl Store {
     }
 
     /// Keep a record that `sink` refused permanently.
-    pub async fn dead_letter(&self, sink: &str, row: JournalRow, reason: String, now: i64) -> Result<(), StoreError> {
+    pub async fn dead_letter(
+        &self,
+        sink: &str,
+        row: JournalRow,
+        reason: String,
+        status: Option<u16>,
+        now: i64,
+    ) -> Result<(), StoreError> {
         let sink = sink.to_string();
         self.run(move |inner, conn| {
             conn.execute(
-                "INSERT INTO dead_letters(sink, seq, stream, record_id, body, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![sink, row.seq, row.stream, row.id, row.body, reason, now],
+                "INSERT INTO dead_letters(sink, seq, stream, record_id, body, reason, status, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![sink, row.seq, row.stream, row.id, row.body, reason, status, now],
             )
+            .map(|_| ())
+            .map_err(|e| sq(inner, e))
+        })
+        .await
+    }
+
+    /// Remember (or clear) why a sink is failing, for `status`.
+    pub async fn record_sink_error(&self, sink: &str, error: Option<String>) -> Result<(), StoreError> {
+        let sink = sink.to_string();
+        self.run(move |inner, conn| {
+            conn.execute("UPDATE sink_cursors SET last_error = ?2 WHERE sink = ?1", params![sink, error])
+                .map(|_| ())
+                .map_err(|e| sq(inner, e))
+        })
+        .await
+    }
+
+    /// Dead letters, oldest first, optionally of one sink.
+    pub async fn dead_letters(&self, sink: Option<String>) -> Result<Vec<DeadLetter>, StoreError> {
+        self.run(move |inner, conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT id, sink, seq, stream, record_id, status, reason, at, retry FROM dead_letters
+                     WHERE ?1 IS NULL OR sink = ?1 ORDER BY id",
+                )
+                .map_err(|e| sq(inner, e))?;
+            stmt.query_map([sink], |r| {
+                Ok(DeadLetter {
+                    id: r.get(0)?,
+                    sink: r.get(1)?,
+                    seq: r.get(2)?,
+                    stream: r.get(3)?,
+                    record_id: r.get(4)?,
+                    status: r.get(5)?,
+                    reason: r.get(6)?,
+                    at: crate::window::fmt_rfc3339(r.get(7)?),
+                    retry_requested: r.get::<_, i64>(8)? != 0,
+                })
+            })
+            .map_err(|e| sq(inner, e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| sq(inner, e))
+        })
+        .await
+    }
+
+    /// Mark dead letters (of `sink`, and/or with these record ids) to be sent
+    /// again by their sink; or, with `purge`, delete them. Returns how many.
+    pub async fn select_dead_letters(
+        &self,
+        sink: Option<String>,
+        record_ids: Vec<String>,
+        purge: bool,
+    ) -> Result<usize, StoreError> {
+        self.run(move |inner, conn| {
+            let tx = conn.transaction().map_err(|e| sq(inner, e))?;
+            let verb = if purge { "DELETE FROM dead_letters" } else { "UPDATE dead_letters SET retry = 1" };
+            let mut n = 0;
+            if record_ids.is_empty() {
+                n += tx
+                    .execute(&format!("{verb} WHERE ?1 IS NULL OR sink = ?1"), params![sink])
+                    .map_err(|e| sq(inner, e))?;
+            } else {
+                for id in &record_ids {
+                    n += tx
+                        .execute(&format!("{verb} WHERE (?1 IS NULL OR sink = ?1) AND record_id = ?2"), params![sink, id])
+                        .map_err(|e| sq(inner, e))?;
+                }
+            }
+            tx.commit().map_err(|e| sq(inner, e))?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Dead letters of `sink` marked for retry, as rows to deliver (with their dead-letter ids).
+    pub async fn retry_requests(&self, sink: &str, limit: usize) -> Result<Vec<(i64, JournalRow)>, StoreError> {
+        let sink = sink.to_string();
+        self.run(move |inner, conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, seq, stream, record_id, body FROM dead_letters
+                     WHERE sink = ?1 AND retry = 1 ORDER BY id LIMIT ?2",
+                )
+                .map_err(|e| sq(inner, e))?;
+            stmt.query_map(params![sink, limit as i64], |r| {
+                Ok((
+                    r.get(0)?,
+                    JournalRow { seq: r.get(1)?, stream: r.get(2)?, id: r.get(3)?, created: 0, body: r.get(4)? },
+                ))
+            })
+            .map_err(|e| sq(inner, e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| sq(inner, e))
+        })
+        .await
+    }
+
+    /// A retried dead letter was delivered (`refused = None`: delete it) or refused again.
+    pub async fn settle_retry(
+        &self,
+        dead_letter_id: i64,
+        refused: Option<(String, Option<u16>)>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.run(move |inner, conn| {
+            match refused {
+                None => conn.execute("DELETE FROM dead_letters WHERE id = ?1", [dead_letter_id]),
+                Some((reason, status)) => conn.execute(
+                    "UPDATE dead_letters SET retry = 0, reason = ?2, status = ?3, at = ?4 WHERE id = ?1",
+                    params![dead_letter_id, reason, status, now],
+                ),
+            }
             .map(|_| ())
             .map_err(|e| sq(inner, e))
         })
@@ -571,13 +716,15 @@ impl Store {
                 .map_err(q)?;
             let mut out = Vec::new();
             for name in sinks {
-                let (seq, updated): (i64, Option<i64>) = conn
-                    .query_row("SELECT delivered_seq, updated FROM sink_cursors WHERE sink = ?1", [&name], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })
+                let (seq, updated, last_error): (i64, Option<i64>, Option<String>) = conn
+                    .query_row(
+                        "SELECT delivered_seq, updated, last_error FROM sink_cursors WHERE sink = ?1",
+                        [&name],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
                     .optional()
                     .map_err(q)?
-                    .unwrap_or((0, None));
+                    .unwrap_or((0, None, None));
                 let lag: i64 =
                     conn.query_row("SELECT count(*) FROM journal WHERE seq > ?1", [seq], |r| r.get(0)).map_err(q)?;
                 let dead: i64 = conn
@@ -589,6 +736,7 @@ impl Store {
                     lag_records: lag,
                     dead_letters: dead,
                     last_delivery: t(updated),
+                    last_error,
                 });
             }
             Ok(Status {
@@ -645,6 +793,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
     let tx = conn.transaction().map_err(sq)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sq)?;
+    refuse_newer(version, path)?;
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(m).map_err(sq)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(sq)?;
+    }
+    tx.commit().map_err(sq)
+}
+
+fn refuse_newer(version: i64, path: &Path) -> Result<(), StoreError> {
     let known = MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::Other {
@@ -655,11 +812,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             ),
         });
     }
-    for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        tx.execute_batch(m).map_err(sq)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(sq)?;
-    }
-    tx.commit().map_err(sq)
+    Ok(())
 }
 
 fn sq(inner: &Inner, source: rusqlite::Error) -> StoreError {
@@ -710,6 +863,7 @@ mod tests {
         drop(Store::open(&p).unwrap());
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         let c = Connection::open(&p).unwrap();
+        let _: String = c.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0)).unwrap();
         c.pragma_update(None, "user_version", 99).unwrap();
         drop(c);
         let before = std::fs::read(&p).unwrap();
@@ -728,7 +882,7 @@ mod tests {
             s.commit_cursor("a", 2, None, 0).await.unwrap();
             assert_eq!(s.backlog().0, 0);
             s.ingest("u", vec![rec("3", 3)]).await.unwrap();
-            let b = s.read_batch(2, Arc::from(vec!["u".to_string()]), 10, 1 << 20).await.unwrap();
+            let b = s.read_batch(2, Arc::from(vec!["u".to_string()]), 10, 1 << 20, 1).await.unwrap();
             assert_eq!(b.rows.len(), 1);
             assert_eq!(b.rows[0].seq, 3);
         });
@@ -755,7 +909,7 @@ mod tests {
                     assert_eq!(stats.new, new);
                     assert_eq!(stats.new + stats.duplicate, page.len() as u64);
                 }
-                let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 10_000, usize::MAX).await.unwrap();
+                let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 10_000, usize::MAX, 1).await.unwrap();
                 let got: Vec<String> = b.rows.into_iter().map(|r| r.id).collect();
                 assert_eq!(got, order);
             });

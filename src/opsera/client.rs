@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::page::{CountMeaning, Page, parse_page, snippet};
 use crate::config::{ApiConfig, Secret};
+use crate::http::{describe_reqwest, parse_retry_after, with_tls};
 
 /// The longest wait a `Retry-After` header can impose.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -73,11 +74,7 @@ impl Client {
             .retry(reqwest::retry::never())
             .user_agent(concat!("opsera-shipper/", env!("CARGO_PKG_VERSION")))
             .gzip(true);
-        if let Some(pem) = &cfg.ca_pem {
-            for cert in reqwest::Certificate::from_pem_bundle(pem)? {
-                b = b.add_root_certificate(cert);
-            }
-        }
+        b = with_tls(b, cfg.ca_pem.as_deref(), None)?;
         if let Some(p) = &cfg.proxy {
             b = b.proxy(reqwest::Proxy::all(p.as_str())?);
         }
@@ -146,7 +143,7 @@ impl Client {
                 return Err(ApiError::Unavailable { url, attempts, reason });
             };
             let delay = match retry_after {
-                Some(ra) => backoff.max(ra.min(MAX_RETRY_AFTER)),
+                Some(ra) => backoff.max(ra),
                 None => backoff,
             };
             tracing::warn!(%url, attempt = attempts, %reason, delay_ms = delay.as_millis() as u64, "API request failed; retrying.");
@@ -176,7 +173,7 @@ impl Client {
             }
         };
         let status = resp.status();
-        let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+        let retry_after = resp.headers().get(RETRY_AFTER).and_then(|v| parse_retry_after(v, MAX_RETRY_AFTER));
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Attempt::Fatal(ApiError::Auth { url: url.into(), status: status.as_u16() });
         }
@@ -241,36 +238,6 @@ async fn read_capped(mut resp: reqwest::Response, cap: u64) -> Result<Vec<u8>, B
     }
 }
 
-/// `Retry-After` as seconds or an HTTP date.
-fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
-    let s = v.to_str().ok()?.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when = chrono::DateTime::parse_from_rfc2822(s).ok()?;
-    let ms = when.timestamp_millis() - crate::window::now_ms();
-    Some(Duration::from_millis(ms.max(0) as u64))
-}
-
-/// A reqwest error without its URL (the caller names it) and with its cause chain.
-fn describe_reqwest(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "request failed"
-    };
-    let mut msg = kind.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    msg
-}
-
 fn urlencode(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -285,13 +252,6 @@ fn urlencode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_after_forms() {
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("7")), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT")), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
-    }
 
     #[test]
     fn query_values_are_encoded() {

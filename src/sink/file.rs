@@ -45,7 +45,7 @@ impl FileSink {
             Ok(f)
         })
         .await
-        .map_err(|e| SinkError::Retryable(format!("file sink task failed: {e}")))??;
+        .map_err(|e| SinkError::retry(format!("file sink task failed: {e}")))??;
         Ok(Self { name: name.to_string(), path, lines, file: Some(Arc::new(file)) })
     }
 }
@@ -57,20 +57,20 @@ fn open_append(path: &std::path::Path) -> Result<File, SinkError> {
             .recursive(true)
             .mode(0o750)
             .create(dir)
-            .map_err(|e| SinkError::Retryable(format!("creating directory {}: {e}", dir.display())))?;
+            .map_err(|e| SinkError::retry(format!("creating directory {}: {e}", dir.display())))?;
     }
     OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o640)
         .open(path)
-        .map_err(|e| SinkError::Retryable(format!("opening {}: {e}", path.display())))
+        .map_err(|e| SinkError::retry(format!("opening {}: {e}", path.display())))
 }
 
 /// Cut bytes written after the last commit, if the file is the one committed.
 fn reconcile(sink: &str, path: &std::path::Path, f: &File, committed: Option<FilePos>) -> Result<(), SinkError> {
     let Some(c) = committed else { return Ok(()) };
-    let m = f.metadata().map_err(|e| SinkError::Retryable(format!("stat {}: {e}", path.display())))?;
+    let m = f.metadata().map_err(|e| SinkError::retry(format!("stat {}: {e}", path.display())))?;
     if m.dev() != c.dev || m.ino() != c.ino {
         return Ok(());
     }
@@ -81,8 +81,8 @@ fn reconcile(sink: &str, path: &std::path::Path, f: &File, committed: Option<Fil
             bytes = m.len() - c.offset,
             "Cutting output written after the last commit (an interrupted batch); it is written again."
         );
-        f.set_len(c.offset).map_err(|e| SinkError::Retryable(format!("truncating {}: {e}", path.display())))?;
-        f.sync_all().map_err(|e| SinkError::Retryable(format!("fsync {}: {e}", path.display())))?;
+        f.set_len(c.offset).map_err(|e| SinkError::retry(format!("truncating {}: {e}", path.display())))?;
+        f.sync_all().map_err(|e| SinkError::retry(format!("fsync {}: {e}", path.display())))?;
     } else if m.len() < c.offset {
         warn!(sink, path = %path.display(), "The file is shorter than committed: was it truncated by hand?");
     }
@@ -91,14 +91,14 @@ fn reconcile(sink: &str, path: &std::path::Path, f: &File, committed: Option<Fil
 
 /// Append `buf` and fsync; on failure cut the file back to where it was.
 fn append_durably(path: &std::path::Path, f: &File, buf: &[u8]) -> Result<FilePos, SinkError> {
-    let stat = |f: &File| f.metadata().map_err(|e| SinkError::Retryable(format!("stat {}: {e}", path.display())));
+    let stat = |f: &File| f.metadata().map_err(|e| SinkError::retry(format!("stat {}: {e}", path.display())));
     let before = stat(f)?.len();
     let mut w: &File = f;
     let written = w.write_all(buf).and_then(|()| f.sync_data());
     if let Err(e) = written {
         // Never leave a partial line behind: cut back (best effort) and retry later.
         let _ = f.set_len(before);
-        return Err(SinkError::Retryable(format!("writing {}: {e}", path.display())));
+        return Err(SinkError::retry(format!("writing {}: {e}", path.display())));
     }
     let m = stat(f)?;
     Ok(FilePos { dev: m.dev(), ino: m.ino(), offset: m.len() })
@@ -122,7 +122,7 @@ impl Sink for FileSink {
             Ok((f, pos))
         })
         .await
-        .map_err(|e| SinkError::Retryable(format!("file sink task failed: {e}")))??;
+        .map_err(|e| SinkError::retry(format!("file sink task failed: {e}")))??;
         self.file = Some(file);
         Ok(Some(pos))
     }

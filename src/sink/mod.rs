@@ -4,13 +4,16 @@
 
 mod file;
 mod stdout;
+mod webhook;
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
 pub use file::FileSink;
 pub use stdout::StdoutSink;
+pub use webhook::WebhookSink;
 
 use crate::config::{SinkConfig, SinkKind};
 use crate::store::{FilePos, JournalRow};
@@ -18,12 +21,24 @@ use crate::store::{FilePos, JournalRow};
 /// Why a delivery failed, and so what the dispatcher does next.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    /// Try the same batch again later (disk full, receiver down).
-    #[error("{0}")]
-    Retryable(String),
-    /// The batch can never be delivered as it is; it goes to dead letters.
-    #[error("{0}")]
-    Permanent(String),
+    /// Try the same batch again later (disk full, receiver down or
+    /// throttling, credentials refused, endpoint misconfigured): the
+    /// records stay in the journal; nothing is condemned.
+    #[error("{reason}")]
+    Retryable { reason: String, retry_after: Option<Duration> },
+    /// The receiver refused the data itself (HTTP 400/413/422...). The
+    /// dispatcher splits the batch to find the refused record(s); `bad_index`
+    /// names one when the receiver said which. A single refused record goes
+    /// to dead letters.
+    #[error("{reason}")]
+    Rejected { reason: String, status: Option<u16>, bad_index: Option<usize> },
+}
+
+impl SinkError {
+    /// A retryable failure without a server-given delay.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        SinkError::Retryable { reason: reason.into(), retry_after: None }
+    }
 }
 
 /// A destination for records.
@@ -37,6 +52,15 @@ pub trait Sink: Send {
     async fn reopen(&mut self) -> Result<(), SinkError> {
         Ok(())
     }
+    /// Extra bytes each record takes in a request beyond its own text
+    /// (framing, envelopes), so batches can respect a byte budget.
+    fn record_overhead(&self) -> usize {
+        1
+    }
+    /// How the dispatcher should batch for this sink.
+    fn batching(&self) -> Batching {
+        Batching::default()
+    }
 }
 
 /// Build the sink `cfg` describes; `committed` is its last committed file position.
@@ -45,7 +69,25 @@ pub async fn build(cfg: &SinkConfig, committed: Option<FilePos>) -> Result<Box<d
     Ok(match &cfg.kind {
         SinkKind::File { path } => Box::new(FileSink::open(&cfg.name, path.clone(), lines, committed).await?),
         SinkKind::Stdout => Box::new(StdoutSink::new(lines)),
+        SinkKind::Webhook(w) => Box::new(WebhookSink::new(&cfg.name, (**w).clone(), lines)?),
     })
+}
+
+/// Batch limits a sink asks the dispatcher for.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    /// How long a partial batch may wait for more records.
+    pub timeout: Duration,
+    /// Cap of the retry backoff.
+    pub max_backoff: Duration,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self { max_records: 1000, max_bytes: 4 << 20, timeout: Duration::ZERO, max_backoff: Duration::from_secs(30) }
+    }
 }
 
 /// How a journal row becomes one output line (file and stdout sinks).

@@ -29,8 +29,8 @@ impl Sink for StdoutSink {
         self.out
             .write_all(buf.as_bytes())
             .await
-            .map_err(|e| SinkError::Retryable(format!("writing to stdout: {e}")))?;
-        self.out.flush().await.map_err(|e| SinkError::Retryable(format!("flushing stdout: {e}")))?;
+            .map_err(|e| SinkError::retry(format!("writing to stdout: {e}")))?;
+        self.out.flush().await.map_err(|e| SinkError::retry(format!("flushing stdout: {e}")))?;
         Ok(None)
     }
 }

@@ -15,6 +15,9 @@ use serde::Deserialize;
 
 use crate::lenient;
 
+mod webhook;
+pub use webhook::{Encoding, SecretSource, Signing, SplunkMeta, WebhookAuth, WebhookConfig, hostname};
+
 /// Where the config is read from when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/opsera-shipper/config.toml";
 /// Prefix of environment variables that override config keys.
@@ -136,6 +139,7 @@ struct RawStream {
 enum RawSink {
     File(RawFileSink),
     Stdout(RawStdoutSink),
+    Webhook(Box<webhook::RawWebhookSink>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,6 +267,7 @@ pub struct SinkConfig {
 pub enum SinkKind {
     File { path: PathBuf },
     Stdout,
+    Webhook(Box<WebhookConfig>),
 }
 
 impl SinkKind {
@@ -270,6 +275,7 @@ impl SinkKind {
         match self {
             SinkKind::File { .. } => "file",
             SinkKind::Stdout => "stdout",
+            SinkKind::Webhook(_) => "webhook",
         }
     }
 }
@@ -440,6 +446,10 @@ fn validate(
                 (f.streams, f.stream_field, SinkKind::File { path: resolve(&base_dir, p) })
             }
             RawSink::Stdout(s) => (s.streams, s.stream_field, SinkKind::Stdout),
+            RawSink::Webhook(mut w) => {
+                let (streams, field) = (w.streams.take(), w.stream_field.take());
+                (streams, field, SinkKind::Webhook(Box::new(webhook::validate(&name, *w, &base_dir, env).map_err(&err)?)))
+            }
         };
         let sink_streams = match streams_opt {
             None => streams.iter().filter(|s| s.enabled).map(|s| s.name.clone()).collect(),
@@ -609,6 +619,15 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
 }
 
 fn validate_base_url(url: &str, allow_insecure_http: bool) -> Result<String, String> {
+    check_http_url(url, allow_insecure_http)?;
+    if url.contains(['?', '#']) {
+        return Err(format!("'{url}' must not carry a query or fragment"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+/// An http(s) URL with a host; plain http only to loopback unless allowed.
+fn check_http_url(url: &str, allow_insecure_http: bool) -> Result<(), String> {
     let parsed = reqwest::Url::parse(url).map_err(|e| format!("'{url}' is not a URL: {e}"))?;
     match parsed.scheme() {
         "https" => {}
@@ -624,10 +643,7 @@ fn validate_base_url(url: &str, allow_insecure_http: bool) -> Result<String, Str
     if parsed.host_str().is_none() {
         return Err(format!("'{url}' has no host"));
     }
-    if parsed.query().is_some() || parsed.fragment().is_some() {
-        return Err(format!("'{url}' must not carry a query or fragment"));
-    }
-    Ok(url.trim_end_matches('/').to_string())
+    Ok(())
 }
 
 fn is_loopback_host(url: &reqwest::Url) -> bool {
@@ -723,8 +739,12 @@ impl Config {
         for s in &self.sinks {
             let _ = writeln!(o, "\n[sinks.{}]", s.name);
             let _ = writeln!(o, "type = {:?}", s.kind.type_name());
-            if let SinkKind::File { path } = &s.kind {
-                let _ = writeln!(o, "path = {:?}", path.display().to_string());
+            match &s.kind {
+                SinkKind::File { path } => {
+                    let _ = writeln!(o, "path = {:?}", path.display().to_string());
+                }
+                SinkKind::Webhook(w) => render_webhook(&mut o, w),
+                SinkKind::Stdout => {}
             }
             let _ = writeln!(o, "streams = {:?}", s.streams);
             if let Some(f) = &s.stream_field {
@@ -742,6 +762,50 @@ impl Config {
             humantime::format_duration(self.runtime.shutdown_timeout).to_string()
         );
         o
+    }
+}
+
+fn render_webhook(o: &mut String, w: &WebhookConfig) {
+    use std::fmt::Write;
+    let _ = writeln!(o, "url = {:?}", mask_url_password(&w.url));
+    let enc = match w.encoding {
+        Encoding::Ndjson => "ndjson",
+        Encoding::JsonArray => "json_array",
+        Encoding::SplunkHec => "splunk_hec",
+    };
+    let _ = writeln!(o, "encoding = {enc:?}");
+    let _ = writeln!(o, "compression = {:?}", if w.gzip { "gzip" } else { "none" });
+    let _ = writeln!(o, "batch_max_records = {}", w.batch_max_records);
+    let _ = writeln!(o, "batch_max_bytes = {}", w.batch_max_bytes);
+    let _ = writeln!(o, "batch_timeout = {:?}", humantime::format_duration(w.batch_timeout).to_string());
+    let _ = writeln!(o, "timeout = {:?}", humantime::format_duration(w.timeout).to_string());
+    let _ = writeln!(o, "max_backoff = {:?}", humantime::format_duration(w.max_backoff).to_string());
+    for (h, _) in &w.headers {
+        let _ = writeln!(o, "headers.{h} = \"***\"");
+    }
+    let auth = match &w.auth {
+        WebhookAuth::None => "none".to_string(),
+        WebhookAuth::Bearer(_) => "bearer ***".to_string(),
+        WebhookAuth::Basic { user, .. } => format!("basic {user}:***"),
+        WebhookAuth::Splunk(_) => "splunk ***".to_string(),
+    };
+    let _ = writeln!(o, "# auth: {auth}");
+    if let Some(s) = &w.signing {
+        let _ = writeln!(o, "# signing: HMAC-SHA256 in header {} (secret ***)", s.header);
+    }
+    for f in &w.tls_files {
+        let _ = writeln!(o, "# tls file: {}", f.display());
+    }
+    if w.encoding == Encoding::SplunkHec {
+        let sp = &w.splunk;
+        let _ = writeln!(
+            o,
+            "# splunk: index={:?} source={:?} sourcetype={:?} host={:?}",
+            sp.index.as_deref().unwrap_or("(receiver default)"),
+            sp.source,
+            sp.sourcetype.as_deref().unwrap_or("opsera:<stream>"),
+            sp.host
+        );
     }
 }
 
