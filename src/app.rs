@@ -371,7 +371,10 @@ pub async fn status(cfg: Config, json: bool) -> Result<u8, AppError> {
         );
     }
     println!();
-    println!("{:<16} {:<14} {:<12} {:<13} {:<26} LAST ERROR", "SINK", "DELIVERED SEQ", "LAG", "DEAD LETTERS", "LAST DELIVERY");
+    println!(
+        "{:<16} {:<14} {:<12} {:<13} {:<26} LAST ERROR",
+        "SINK", "DELIVERED SEQ", "LAG", "DEAD LETTERS", "LAST DELIVERY"
+    );
     for s in &st.sinks {
         println!(
             "{:<16} {:<14} {:<12} {:<13} {:<26} {}",
@@ -417,7 +420,9 @@ pub async fn dead_letters(cfg: Config, action: DeadLetterAction) -> Result<u8, A
                 }
             }
         }
-        DeadLetterAction::Retry { sink, ids, all } | DeadLetterAction::Purge { sink, ids, all } if !all && sink.is_none() && ids.is_empty() => {
+        DeadLetterAction::Retry { sink, ids, all } | DeadLetterAction::Purge { sink, ids, all }
+            if !all && sink.is_none() && ids.is_empty() =>
+        {
             let _ = (sink, ids);
             return Err(AppError::Usage("name --sink, --id, or --all".into()));
         }

@@ -47,7 +47,10 @@ pub struct Dispatcher {
 /// What delivering a set of rows came to.
 enum Delivered {
     /// Everything not listed in `refused` is delivered.
-    Done { pos: Option<FilePos>, refused: Vec<(usize, String, Option<u16>)> },
+    Done {
+        pos: Option<FilePos>,
+        refused: Vec<(usize, String, Option<u16>)>,
+    },
     Cancelled,
 }
 
@@ -95,8 +98,10 @@ impl Dispatcher {
             tokio::pin!(grew);
             grew.as_mut().enable();
             let b = &self.batching;
-            let batch =
-                self.store.read_batch(self.cursor, self.streams.clone(), b.max_records, b.max_bytes, self.overhead).await?;
+            let batch = self
+                .store
+                .read_batch(self.cursor, self.streams.clone(), b.max_records, b.max_bytes, self.overhead)
+                .await?;
             let target = *drain.borrow_and_update();
             if batch.last_seq == self.cursor {
                 if target.is_some_and(|t| self.cursor >= t) {
@@ -119,7 +124,7 @@ impl Dispatcher {
                 && batch.rows.len() < b.max_records
                 && bytes + 4096 < b.max_bytes
                 && !b.timeout.is_zero()
-                && !target.is_some_and(|t| batch.last_seq >= t);
+                && target.is_none_or(|t| batch.last_seq < t);
             if partial {
                 let deadline = *partial_since.get_or_insert_with(tokio::time::Instant::now) + b.timeout;
                 if tokio::time::Instant::now() < deadline {
@@ -173,7 +178,9 @@ impl Dispatcher {
                         let again = refused.iter().find(|(j, _, _)| *j == i).map(|(_, r, s)| (r.clone(), *s));
                         match &again {
                             None => info!(sink = %self.name, record = %row.id, "Dead letter delivered on retry."),
-                            Some((reason, _)) => warn!(sink = %self.name, record = %row.id, %reason, "Dead letter refused again."),
+                            Some((reason, _)) => {
+                                warn!(sink = %self.name, record = %row.id, %reason, "Dead letter refused again.")
+                            }
                         }
                         self.store.settle_retry(*dl, again, now_ms()).await?;
                     }
@@ -187,7 +194,8 @@ impl Dispatcher {
 
     /// Deliver `rows`, splitting around refused records.
     async fn deliver(&mut self, rows: &[JournalRow], cancel: &CancellationToken) -> Delivered {
-        let mut work: VecDeque<Range<usize>> = VecDeque::from([0..rows.len()]);
+        let mut work: VecDeque<Range<usize>> = VecDeque::new();
+        work.push_back(0..rows.len());
         let mut refused = Vec::new();
         let mut pos = None;
         while let Some(r) = work.pop_front() {

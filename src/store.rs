@@ -606,7 +606,10 @@ impl Store {
             } else {
                 for id in &record_ids {
                     n += tx
-                        .execute(&format!("{verb} WHERE (?1 IS NULL OR sink = ?1) AND record_id = ?2"), params![sink, id])
+                        .execute(
+                            &format!("{verb} WHERE (?1 IS NULL OR sink = ?1) AND record_id = ?2"),
+                            params![sink, id],
+                        )
                         .map_err(|e| sq(inner, e))?;
                 }
             }

@@ -448,7 +448,11 @@ fn validate(
             RawSink::Stdout(s) => (s.streams, s.stream_field, SinkKind::Stdout),
             RawSink::Webhook(mut w) => {
                 let (streams, field) = (w.streams.take(), w.stream_field.take());
-                (streams, field, SinkKind::Webhook(Box::new(webhook::validate(&name, *w, &base_dir, env).map_err(&err)?)))
+                (
+                    streams,
+                    field,
+                    SinkKind::Webhook(Box::new(webhook::validate(&name, *w, &base_dir, env).map_err(&err)?)),
+                )
             }
         };
         let sink_streams = match streams_opt {

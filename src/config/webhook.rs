@@ -199,7 +199,10 @@ pub(super) fn validate(
             let value = read_secret_file(&p).map_err(|m| format!("{}: {m}", key(&format!("{k}_file"))))?;
             return Ok(Some(SecretSource { file: Some(p), value }));
         }
-        Ok(inline.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).map(|s| SecretSource { file: None, value: Secret::new(s) }))
+        Ok(inline
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .map(|s| SecretSource { file: None, value: Secret::new(s) }))
     };
     let a = raw.auth;
     let bearer = secret(a.bearer_token_file, a.bearer_token, "auth.bearer_token")?;
@@ -243,19 +246,20 @@ pub(super) fn validate(
         }
         None => None,
     };
-    let identity_pem = match (raw.tls.cert_file.map(|p| resolve(base_dir, p)), raw.tls.key_file.map(|p| resolve(base_dir, p))) {
-        (None, None) => None,
-        (Some(c), Some(k)) => {
-            let mut pem = read(&c, "tls.cert_file")?;
-            pem.push(b'\n');
-            pem.extend(read(&k, "tls.key_file")?);
-            reqwest::Identity::from_pem(&pem)
-                .map_err(|e| format!("{}: the client certificate and key do not load: {e}", key("tls")))?;
-            tls_files.extend([c, k]);
-            Some(pem)
-        }
-        _ => return Err(format!("{}: cert_file and key_file go together", key("tls"))),
-    };
+    let identity_pem =
+        match (raw.tls.cert_file.map(|p| resolve(base_dir, p)), raw.tls.key_file.map(|p| resolve(base_dir, p))) {
+            (None, None) => None,
+            (Some(c), Some(k)) => {
+                let mut pem = read(&c, "tls.cert_file")?;
+                pem.push(b'\n');
+                pem.extend(read(&k, "tls.key_file")?);
+                reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| format!("{}: the client certificate and key do not load: {e}", key("tls")))?;
+                tls_files.extend([c, k]);
+                Some(pem)
+            }
+            _ => return Err(format!("{}: cert_file and key_file go together", key("tls"))),
+        };
     let splunk = SplunkMeta {
         index: raw.splunk.index,
         source: raw.splunk.source.unwrap_or_else(|| "opsera-shipper".into()),

@@ -26,10 +26,7 @@ impl Sink for StdoutSink {
         for r in rows {
             self.lines.push_line(r, &mut buf);
         }
-        self.out
-            .write_all(buf.as_bytes())
-            .await
-            .map_err(|e| SinkError::retry(format!("writing to stdout: {e}")))?;
+        self.out.write_all(buf.as_bytes()).await.map_err(|e| SinkError::retry(format!("writing to stdout: {e}")))?;
         self.out.flush().await.map_err(|e| SinkError::retry(format!("flushing stdout: {e}")))?;
         Ok(None)
     }

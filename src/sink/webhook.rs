@@ -52,7 +52,8 @@ impl WebhookSink {
 
     /// The request body (before compression) for `rows`.
     pub fn encode(&self, rows: &[JournalRow]) -> Vec<u8> {
-        let mut out = String::with_capacity(rows.iter().map(|r| r.body.len() + self.record_overhead()).sum::<usize>() + 2);
+        let mut out =
+            String::with_capacity(rows.iter().map(|r| r.body.len() + self.record_overhead()).sum::<usize>() + 2);
         match self.cfg.encoding {
             Encoding::Ndjson => {
                 for r in rows {

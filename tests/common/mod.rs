@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+pub mod receiver;
+
 use opsera_shipper::simulator::{SimOptions, Simulator};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_opsera-shipper");

@@ -1,0 +1,294 @@
+//! The webhook sink end to end: the real binary, the simulated Opsera API,
+//! and real HTTP receivers over loopback.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::receiver::{Mode, Receiver, parse};
+use common::*;
+use hmac::Mac;
+
+fn hook(r: &Receiver, extra: &str) -> String {
+    format!("[sinks.hook]\ntype = \"webhook\"\nurl = {:?}\nbatch_timeout = \"100ms\"\n{extra}\n", r.url())
+}
+
+/// Assert the receiver accepted every served record exactly once, unchanged.
+fn assert_received_once(r: &Receiver, served: &HashMap<String, String>) {
+    let st = r.st();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for text in &st.accepted {
+        let id = id_of(text);
+        *seen.entry(id.clone()).or_default() += 1;
+        let want = served.get(&id).unwrap_or_else(|| panic!("receiver got an unknown record {id}"));
+        if r.mode == Mode::Hec {
+            let a: serde_json::Value = serde_json::from_str(text).unwrap();
+            let b: serde_json::Value = serde_json::from_str(want).unwrap();
+            assert_eq!(a, b, "record {id} changed");
+        } else {
+            assert_eq!(text, want, "record {id} changed");
+        }
+    }
+    let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dups.is_empty(), "delivered more than once: {dups:?}");
+    assert_eq!(seen.len(), served.len(), "records missing at the receiver");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ndjson_gzip_signed_batches_arrive_once_and_verify() {
+    let h = Harness::new(opts(1_200, 150)).await;
+    let r = Receiver::start(Mode::Ndjson).await;
+    r.st().auth = Some("Bearer hook-secret-token".into());
+    let dir = h.dir.path();
+    std::fs::write(dir.join("bearer"), "hook-secret-token\n").unwrap();
+    std::fs::write(dir.join("sig"), "  shared-signing-secret\n").unwrap();
+    let cfg = h.config(&hook(
+        &r,
+        &format!(
+            "compression = \"gzip\"\nbatch_max_records = 100\nbatch_max_bytes = \"20KiB\"\nheaders = {{ \"X-Env\" = \"prod\" }}\n\
+             [sinks.hook.auth]\nbearer_token_file = {:?}\n[sinks.hook.signing]\nsecret_file = {:?}\n",
+            dir.join("bearer").display().to_string(),
+            dir.join("sig").display().to_string()
+        ),
+    ));
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_received_once(&r, &h.served());
+    h.assert_exactly_once(); // the file sink beside it too
+    let st = r.st();
+    assert!(st.requests.len() >= 1_350 / 100);
+    for req in &st.requests {
+        assert!(req.records <= 100, "batch_max_records exceeded: {}", req.records);
+        assert!(req.body.len() <= 20 * 1024, "batch_max_bytes exceeded: {}", req.body.len());
+        assert_eq!(req.headers["x-env"], "prod");
+        assert_eq!(
+            req.headers["content-length"].to_str().unwrap(),
+            req.raw.len().to_string(),
+            "sent with Content-Length"
+        );
+        assert!(req.headers.get("transfer-encoding").is_none(), "not chunked");
+        // t=<secs>,v1=<hex HMAC-SHA256("<t>.<body as sent>")>
+        let sig = req.headers["x-opsera-signature"].to_str().unwrap();
+        let (t, v1) = sig.strip_prefix("t=").unwrap().split_once(",v1=").unwrap();
+        let verify = |secret: &[u8]| {
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+            mac.update(format!("{t}.").as_bytes());
+            mac.update(&req.raw);
+            mac.verify_slice(&hex::decode(v1).unwrap()).is_ok()
+        };
+        assert!(verify(b"shared-signing-secret"), "signature does not verify");
+        assert!(!verify(b"wrong-secret"), "a wrong secret must fail verification");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_array_and_basic_auth() {
+    let h = Harness::new(SimOptions { pretty: true, ..opts(300, 40) }).await;
+    let r = Receiver::start(Mode::JsonArray).await;
+    r.st().auth = Some("Basic dXNlcjpwYXNz".into()); // user:pass
+    let dir = h.dir.path();
+    std::fs::write(dir.join("pw"), "pass\n").unwrap();
+    let cfg = h.config(&hook(
+        &r,
+        &format!(
+            "encoding = \"json_array\"\n[sinks.hook.auth]\nbasic_user = \"user\"\nbasic_password_file = {:?}\n",
+            dir.join("pw").display().to_string()
+        ),
+    ));
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_received_once(&r, &h.served());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splunk_hec_with_a_poison_record_dead_letters_only_it_and_retries_it() {
+    let h = Harness::new(opts(400, 60)).await;
+    let r = Receiver::start(Mode::Hec).await;
+    r.st().auth = Some("Splunk hec-token-123".into());
+    let poison = h.sim.user_records()[137].0.clone();
+    r.st().poison = Some(poison.clone());
+    let cfg = h.config(&hook(
+        &r,
+        "encoding = \"splunk_hec\"\nbatch_max_records = 200\n[sinks.hook.auth]\nsplunk_token = \"hec-token-123\"\n\
+         [sinks.hook.splunk]\nindex = \"opsera\"\nsource = \"opsera-shipper\"\n",
+    ));
+    let c = cfg.to_str().unwrap();
+    let o = h.run(&["once", "--config", c]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut served = h.served();
+    served.remove(&poison);
+    assert_received_once(&r, &served);
+    {
+        let st = r.st();
+        for env in &st.envelopes {
+            assert_eq!(env["index"], "opsera");
+            assert_eq!(env["source"], "opsera-shipper");
+            let ev = &env["event"];
+            let stream = if ev.get("token_id").is_some() { "token_activity" } else { "user_activity" };
+            assert_eq!(env["sourcetype"], format!("opsera:{stream}"));
+            let created = opsera_shipper::window::parse_timestamp(ev["createdAt"].as_str().unwrap()).unwrap();
+            assert_eq!(env["time"].as_f64().unwrap(), created as f64 / 1000.0);
+        }
+    }
+    // The poison record is a dead letter, shown by status and dead-letters list.
+    let st = status_json(&h, &cfg).await;
+    let sink = st["sinks"].as_array().unwrap().iter().find(|s| s["name"] == "hook").unwrap().clone();
+    assert_eq!(sink["dead_letters"], 1);
+    let o = h.run(&["dead-letters", "list", "--config", c]).await;
+    let list = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(list.contains(&poison) && list.contains("400") && list.contains("Invalid data format"), "{list}");
+    // Once the receiver accepts it, a retry delivers it and clears the dead letter.
+    r.st().poison = None;
+    let o = h.run(&["dead-letters", "retry", "--id", &poison, "--config", c]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = h.run(&["once", "--config", c]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_received_once(&r, &h.served());
+    let o = h.run(&["dead-letters", "list", "--json", "--config", c]).await;
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap(), serde_json::json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_400_is_narrowed_down_by_splitting() {
+    let h = Harness::new(opts(250, 0)).await;
+    let r = Receiver::start(Mode::Ndjson).await;
+    let poison = h.sim.user_records()[42].0.clone();
+    r.st().poison = Some(poison.clone());
+    // An ndjson receiver's 400 names no record: the batch is bisected.
+    let cfg = h.config(&hook(&r, "batch_max_records = 250\n[streams.token_activity]\nenabled = false\n"));
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut served = h.served();
+    served.remove(&poison);
+    assert_received_once(&r, &served);
+    let st = status_json(&h, &cfg).await;
+    let sink = st["sinks"].as_array().unwrap().iter().find(|s| s["name"] == "hook").unwrap().clone();
+    assert_eq!(sink["dead_letters"], 1, "only the poison record is condemned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let h = Harness::new(opts(20, 0)).await;
+    let r = Receiver::start(Mode::Ndjson).await;
+    r.st().script.push_back((429, Some(2)));
+    let cfg = h.config(&hook(&r, "[streams.token_activity]\nenabled = false\n"));
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let st = r.st();
+    assert!(st.requests.len() >= 2);
+    let gap = st.requests[1].at - st.requests[0].at;
+    assert!(gap >= Duration::from_secs(2), "retried {gap:?} after a 429 with Retry-After: 2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_credentials_hold_the_sink_and_lose_nothing() {
+    let h = Harness::new(opts(50, 0)).await;
+    let r = Receiver::start(Mode::Ndjson).await;
+    r.st().auth = Some("Bearer new-token".into());
+    let tf = h.path("bearer");
+    std::fs::write(&tf, "old-token\n").unwrap();
+    let cfg = h.config(&hook(
+        &r,
+        &format!(
+            "[streams.token_activity]\nenabled = false\n[sinks.hook.auth]\nbearer_token_file = {:?}\n",
+            tf.display().to_string()
+        ),
+    ));
+    let o = h.run(&["once", "--timeout", "2s", "--config", cfg.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(stderr(&o).contains("refused sinks.hook.auth credentials"), "{}", stderr(&o));
+    let st = status_json(&h, &cfg).await;
+    let sink = st["sinks"].as_array().unwrap().iter().find(|s| s["name"] == "hook").unwrap().clone();
+    assert_eq!(sink["dead_letters"], 0, "records are never condemned for a 401");
+    assert!(sink["last_error"].as_str().unwrap().contains("401"), "status shows why: {sink}");
+    // The secret rotated on disk: the next run delivers everything.
+    std::fs::write(&tf, "new-token\n").unwrap();
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_received_once(&r, &h.served());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_outage_holds_back_only_its_sink_and_loses_nothing() {
+    let h = Harness::new(opts(600, 60)).await;
+    let r = Receiver::start(Mode::Ndjson).await;
+    for _ in 0..3 {
+        r.st().script.push_back((503, None));
+    }
+    let cfg = h.config(&hook(
+        &r,
+        "batch_max_records = 50\nmax_backoff = \"500ms\"\n[streams.user_activity]\ninterval = \"1s\"\n[streams.token_activity]\ninterval = \"1s\"\n",
+    ));
+    r.stop().await; // down before the daemon starts, after three 503s are queued for later
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The file sink keeps delivering while the receiver is away.
+    wait_until("the file sink delivered the backlog", || h.lines().len() >= 660).await;
+    let more = h.sim.add_user_at(25, h.sim.now() - 3 * MINUTE);
+    wait_until("the file sink delivered new records", || {
+        let ids: Vec<String> = h.lines().iter().map(|l| id_of(l)).collect();
+        more.iter().all(|m| ids.contains(m))
+    })
+    .await;
+    assert!(r.st().accepted.is_empty());
+    // Back, first answering 503 three times, then accepting.
+    r.restart().await;
+    wait_until("the receiver caught up", || r.st().accepted.len() >= 685).await;
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(r.st().requests.iter().filter(|q| q.status == 503).count() == 3);
+    assert_received_once(&r, &h.served());
+    h.assert_exactly_once();
+}
+
+#[tokio::test]
+async fn webhook_config_errors_name_the_key() {
+    let r = "[api]\nbase_url = \"http://127.0.0.1:9\"\ntoken = \"t\"\n[state]\npath = \"/tmp/n.db\"\n[sinks.hook]\ntype = \"webhook\"\n";
+    let cases = [
+        (format!("{r}url = \"http://collector.example.com/x\"\n"), "sinks.hook.url"),
+        (format!("{r}url = \"https://c.example.com/x\"\nencoding = \"xml\"\n"), "sinks.hook.encoding"),
+        (
+            format!("{r}url = \"https://c.example.com/x\"\nheaders = {{ \"X-T\" = \"${{NOPE_NOT_SET}}\" }}\n"),
+            "NOPE_NOT_SET",
+        ),
+        (format!("{r}url = \"https://c.example.com/x\"\n[sinks.hook.auth]\nsplunk_token = \"x\"\n"), "splunk_hec"),
+        (
+            format!("{r}url = \"https://c.example.com/x\"\n[sinks.hook.signing]\nsecret_file = \"/nonexistent/s\"\n"),
+            "sinks.hook.signing.secret_file",
+        ),
+        (format!("{r}url = \"https://c.example.com/x\"\nbatch_max_records = 0\n"), "sinks.hook.batch_max_records"),
+    ];
+    for (text, key) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, &text).unwrap();
+        let o = run_bin(&["check-config", "--config", p.to_str().unwrap()], &[]).await;
+        assert_eq!(o.status.code(), Some(78), "{key}: {}", stderr(&o));
+        assert!(stderr(&o).contains(key), "{key}: {}", stderr(&o));
+    }
+    // A header may reference the environment; check-config masks it.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(
+        &p,
+        format!("{r}url = \"https://c.example.com/x?sig=1\"\nheaders = {{ \"X-T\" = \"Bearer ${{HOOK_TOK}}\" }}\n"),
+    )
+    .unwrap();
+    let o = run_bin(&["check-config", "--config", p.to_str().unwrap()], &[("HOOK_TOK", "zzsecretzz")]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("zzsecretzz"));
+}
+
+#[test]
+fn receiver_parses_what_it_is_sent() {
+    let (recs, _) = parse(Mode::Ndjson, b"{\"_id\":\"a\"}\n");
+    assert_eq!(recs[0].0, "a");
+}
+
+use opsera_shipper::simulator::SimOptions;
