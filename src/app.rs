@@ -420,20 +420,19 @@ pub async fn dead_letters(cfg: Config, action: DeadLetterAction) -> Result<u8, A
                 }
             }
         }
-        DeadLetterAction::Retry { sink, ids, all } | DeadLetterAction::Purge { sink, ids, all }
-            if !all && sink.is_none() && ids.is_empty() =>
+        DeadLetterAction::Retry(sel) | DeadLetterAction::Purge(sel)
+            if !sel.all && sel.sink.is_none() && sel.ids.is_empty() =>
         {
-            let _ = (sink, ids);
             return Err(AppError::Usage("name --sink, --id, or --all".into()));
         }
-        DeadLetterAction::Retry { sink, ids, .. } => {
-            check_sink(&sink)?;
-            let n = store.select_dead_letters(sink, ids, false).await?;
+        DeadLetterAction::Retry(sel) => {
+            check_sink(&sel.sink)?;
+            let n = store.select_dead_letters(sel.sink, sel.ids, false).await?;
             println!("{n} dead letter(s) marked for retry: the running daemon (or the next `once`) sends them again.");
         }
-        DeadLetterAction::Purge { sink, ids, .. } => {
-            check_sink(&sink)?;
-            let n = store.select_dead_letters(sink, ids, true).await?;
+        DeadLetterAction::Purge(sel) => {
+            check_sink(&sel.sink)?;
+            let n = store.select_dead_letters(sel.sink, sel.ids, true).await?;
             println!("{n} dead letter(s) deleted.");
         }
     }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::DEFAULT_CONFIG_PATH;
 
@@ -79,25 +79,20 @@ pub enum DeadLetterAction {
         json: bool,
     },
     /// Mark dead letters to be sent again by their sink (by the running daemon, or the next `once`).
-    Retry {
-        #[arg(long)]
-        sink: Option<String>,
-        /// Record _id(s) to retry.
-        #[arg(long = "id")]
-        ids: Vec<String>,
-        /// Retry every dead letter.
-        #[arg(long)]
-        all: bool,
-    },
+    Retry(DeadLetterSelection),
     /// Delete dead letters.
-    Purge {
-        #[arg(long)]
-        sink: Option<String>,
-        /// Record _id(s) to delete.
-        #[arg(long = "id")]
-        ids: Vec<String>,
-        /// Delete every dead letter.
-        #[arg(long)]
-        all: bool,
-    },
+    Purge(DeadLetterSelection),
+}
+
+/// Which dead letters `retry` and `purge` act on.
+#[derive(Debug, Args)]
+pub struct DeadLetterSelection {
+    #[arg(long)]
+    pub sink: Option<String>,
+    /// Record _id(s).
+    #[arg(long = "id")]
+    pub ids: Vec<String>,
+    /// Every dead letter (of --sink, when given).
+    #[arg(long)]
+    pub all: bool,
 }

@@ -107,10 +107,7 @@ fn append_durably(path: &std::path::Path, f: &File, buf: &[u8]) -> Result<FilePo
 #[async_trait]
 impl Sink for FileSink {
     async fn deliver(&mut self, rows: &[JournalRow]) -> Result<Option<FilePos>, SinkError> {
-        let mut buf = String::with_capacity(rows.iter().map(|r| r.body.len() + 1).sum());
-        for r in rows {
-            self.lines.push_line(r, &mut buf);
-        }
+        let buf = self.lines.render(rows);
         let path = self.path.clone();
         let current = self.file.clone();
         let (file, pos) = tokio::task::spawn_blocking(move || -> Result<(Arc<File>, FilePos), SinkError> {

@@ -98,6 +98,15 @@ pub struct LineFormat {
 }
 
 impl LineFormat {
+    /// All `rows` as JSON lines.
+    pub fn render(&self, rows: &[JournalRow]) -> String {
+        let mut buf = String::with_capacity(rows.iter().map(|r| r.body.len() + 1).sum());
+        for r in rows {
+            self.push_line(r, &mut buf);
+        }
+        buf
+    }
+
     /// Append `row` as one JSON line (with the trailing newline) to `out`.
     /// The record's original text is kept; only whitespace outside strings
     /// is removed when the text spans several lines.

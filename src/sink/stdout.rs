@@ -22,10 +22,7 @@ impl StdoutSink {
 #[async_trait]
 impl Sink for StdoutSink {
     async fn deliver(&mut self, rows: &[JournalRow]) -> Result<Option<FilePos>, SinkError> {
-        let mut buf = String::with_capacity(rows.iter().map(|r| r.body.len() + 1).sum());
-        for r in rows {
-            self.lines.push_line(r, &mut buf);
-        }
+        let buf = self.lines.render(rows);
         self.out.write_all(buf.as_bytes()).await.map_err(|e| SinkError::retry(format!("writing to stdout: {e}")))?;
         self.out.flush().await.map_err(|e| SinkError::retry(format!("flushing stdout: {e}")))?;
         Ok(None)

@@ -55,11 +55,7 @@ impl WebhookSink {
         let mut out =
             String::with_capacity(rows.iter().map(|r| r.body.len() + self.record_overhead()).sum::<usize>() + 2);
         match self.cfg.encoding {
-            Encoding::Ndjson => {
-                for r in rows {
-                    self.lines.push_line(r, &mut out);
-                }
-            }
+            Encoding::Ndjson => out.push_str(&self.lines.render(rows)),
             Encoding::JsonArray => {
                 out.push('[');
                 for (i, r) in rows.iter().enumerate() {
