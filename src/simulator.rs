@@ -205,6 +205,23 @@ impl Simulator {
         (0..n).map(|_| st.insert_user(created)).collect()
     }
 
+    /// Add a user-activity record created at `created` whose fields named in
+    /// `overrides` take the given raw JSON values (added when new); returns its id.
+    pub fn add_user_with(&self, created: i64, overrides: &[(&'static str, String)]) -> String {
+        let mut st = self.st();
+        let mut r = st.gen_user(created);
+        for (k, v) in overrides {
+            match r.fields.iter_mut().find(|(f, _)| f == k) {
+                Some(slot) => slot.1 = v.clone(),
+                None => r.fields.push((k, v.clone())),
+            }
+        }
+        let id = r.id.clone();
+        let pos = st.user.partition_point(|x| x.created <= created);
+        st.user.insert(pos, r);
+        id
+    }
+
     /// Add `n` token-activity records created at `created` (ms); returns their ids.
     pub fn add_token_at(&self, n: usize, created: i64) -> Vec<String> {
         let mut st = self.st();

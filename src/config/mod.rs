@@ -15,7 +15,9 @@ use serde::Deserialize;
 
 use crate::lenient;
 
+mod syslog;
 mod webhook;
+pub use syslog::{Framing, SyslogConfig, SyslogFormat, Transport};
 pub use webhook::{Encoding, SecretSource, Signing, SplunkMeta, WebhookAuth, WebhookConfig, hostname};
 
 /// Where the config is read from when `--config` is not given.
@@ -140,6 +142,7 @@ enum RawSink {
     File(RawFileSink),
     Stdout(RawStdoutSink),
     Webhook(Box<webhook::RawWebhookSink>),
+    Syslog(Box<syslog::RawSyslogSink>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +271,7 @@ pub enum SinkKind {
     File { path: PathBuf },
     Stdout,
     Webhook(Box<WebhookConfig>),
+    Syslog(Box<SyslogConfig>),
 }
 
 impl SinkKind {
@@ -276,6 +280,7 @@ impl SinkKind {
             SinkKind::File { .. } => "file",
             SinkKind::Stdout => "stdout",
             SinkKind::Webhook(_) => "webhook",
+            SinkKind::Syslog(_) => "syslog",
         }
     }
 }
@@ -453,6 +458,10 @@ fn validate(
                     field,
                     SinkKind::Webhook(Box::new(webhook::validate(&name, *w, &base_dir, env).map_err(&err)?)),
                 )
+            }
+            RawSink::Syslog(mut w) => {
+                let (streams, field) = (w.streams.take(), w.stream_field.take());
+                (streams, field, SinkKind::Syslog(Box::new(syslog::validate(&name, *w, &base_dir).map_err(&err)?)))
             }
         };
         let sink_streams = match streams_opt {
@@ -748,6 +757,22 @@ impl Config {
                     let _ = writeln!(o, "path = {:?}", path.display().to_string());
                 }
                 SinkKind::Webhook(w) => render_webhook(&mut o, w),
+                SinkKind::Syslog(y) => {
+                    let _ = writeln!(o, "address = {:?}", y.address);
+                    let _ = writeln!(
+                        o,
+                        "# transport={:?} framing={:?} format={:?} facility={} severity={} app_name={} hostname={} sd_id={} max_message_bytes={}",
+                        y.transport,
+                        y.framing,
+                        y.format,
+                        y.facility,
+                        y.severity,
+                        y.app_name,
+                        y.hostname,
+                        y.sd_id,
+                        y.max_message_bytes
+                    );
+                }
                 SinkKind::Stdout => {}
             }
             let _ = writeln!(o, "streams = {:?}", s.streams);

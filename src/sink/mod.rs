@@ -4,6 +4,8 @@
 
 mod file;
 mod stdout;
+pub mod syslog;
+pub mod syslog_format;
 mod webhook;
 
 use std::borrow::Cow;
@@ -13,6 +15,7 @@ use async_trait::async_trait;
 
 pub use file::FileSink;
 pub use stdout::StdoutSink;
+pub use syslog::SyslogSink;
 pub use webhook::WebhookSink;
 
 use crate::config::{SinkConfig, SinkKind};
@@ -70,6 +73,7 @@ pub async fn build(cfg: &SinkConfig, committed: Option<FilePos>) -> Result<Box<d
         SinkKind::File { path } => Box::new(FileSink::open(&cfg.name, path.clone(), lines, committed).await?),
         SinkKind::Stdout => Box::new(StdoutSink::new(lines)),
         SinkKind::Webhook(w) => Box::new(WebhookSink::new(&cfg.name, (**w).clone(), lines)?),
+        SinkKind::Syslog(y) => Box::new(SyslogSink::new(&cfg.name, (**y).clone(), lines)?),
     })
 }
 
