@@ -275,20 +275,27 @@ impl Store {
         })?
     }
 
-    /// Make these the sinks that hold back trimming; a sink seen for the
-    /// first time starts after everything already journaled (it receives
-    /// only records ingested from now on), except on a fresh database.
+    /// Make these the sinks that hold back trimming. A sink seen for the
+    /// first time receives every record still in the journal (records some
+    /// sink has not delivered yet, so renaming a failing sink abandons
+    /// nothing) and everything ingested from then on.
     pub async fn register_sinks(&self, names: Vec<String>) -> Result<(), StoreError> {
         self.run(move |inner, conn| {
             let tx = conn.transaction().map_err(|e| sq(inner, e))?;
-            let high: i64 = tx
-                .query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0)", [], |r| {
-                    r.get(0)
-                })
+            let start: i64 = tx
+                .query_row(
+                    "SELECT coalesce((SELECT min(seq) - 1 FROM journal),
+                                     (SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0)",
+                    [],
+                    |r| r.get(0),
+                )
                 .map_err(|e| sq(inner, e))?;
             for n in &names {
-                tx.execute("INSERT OR IGNORE INTO sink_cursors(sink, delivered_seq) VALUES (?1, ?2)", params![n, high])
-                    .map_err(|e| sq(inner, e))?;
+                tx.execute(
+                    "INSERT OR IGNORE INTO sink_cursors(sink, delivered_seq) VALUES (?1, ?2)",
+                    params![n, start],
+                )
+                .map_err(|e| sq(inner, e))?;
             }
             tx.commit().map_err(|e| sq(inner, e))?;
             *lock(&inner.active_sinks) = names;

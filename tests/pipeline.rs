@@ -224,6 +224,7 @@ async fn killed_daemon_resumes_from_its_checkpoint() {
         .args(["run", "--config", &c])
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     wait_until("the backlog is delivered", || h.lines().len() >= 2_200).await;
@@ -233,6 +234,7 @@ async fn killed_daemon_resumes_from_its_checkpoint() {
         .args(["run", "--config", &c])
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     wait_until("new records are delivered after the restart", || {

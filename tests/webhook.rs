@@ -225,6 +225,7 @@ async fn receiver_outage_holds_back_only_its_sink_and_loses_nothing() {
         .args(["run", "--config", cfg.to_str().unwrap()])
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     // The file sink keeps delivering while the receiver is away.

@@ -9,6 +9,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 pub mod receiver;
+pub mod rsyslog;
 
 use opsera_shipper::simulator::{SimOptions, Simulator};
 
@@ -122,13 +123,14 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Wait (bounded) until `f` holds.
+/// Wait until `f` holds, for at most 90 seconds.
 pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..600 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while std::time::Instant::now() < deadline {
         if f() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     panic!("timed out waiting until {what}");
 }
