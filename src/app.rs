@@ -20,7 +20,7 @@ use crate::opsera::Client;
 use crate::poller::{Limits, PollError, Poller};
 use crate::simulator::{SimOptions, Simulator};
 use crate::sink;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, WriterLock};
 use crate::window;
 
 /// Exit codes (sysexits.h).
@@ -46,6 +46,8 @@ pub enum AppError {
     Sink { sink: String, message: String },
     #[error("{0}")]
     Usage(String),
+    #[error("{0}")]
+    Locked(StoreError),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -57,6 +59,7 @@ impl AppError {
             AppError::Store(_) => exit::IOERR,
             AppError::Sink { .. } => exit::CANTCREAT,
             AppError::Usage(_) => exit::USAGE,
+            AppError::Locked(_) => exit::TEMPFAIL,
             AppError::Other(_) => exit::SOFTWARE,
         }
     }
@@ -70,10 +73,12 @@ struct Pipeline {
     cfg: Config,
     store: Store,
     client: Client,
+    _lock: WriterLock,
 }
 
 impl Pipeline {
     async fn build(cfg: Config) -> Result<Self, AppError> {
+        let lock = WriterLock::acquire(&cfg.state.path).map_err(AppError::Locked)?;
         let store = open_store(&cfg.state.path).await?;
         let token = cfg.api.token.clone().ok_or_else(|| {
             AppError::Config(ConfigError { file: cfg.source.display().to_string(), message: "no API token".into() })
@@ -84,7 +89,7 @@ impl Pipeline {
                 message: format!("api: cannot build the HTTP client: {e}"),
             })
         })?;
-        Ok(Self { cfg, store, client })
+        Ok(Self { cfg, store, client, _lock: lock })
     }
 
     fn pollers(&self) -> Vec<Poller> {
@@ -278,6 +283,7 @@ pub async fn demo(dir: PathBuf, duration: Option<Duration>) -> Result<u8, AppErr
         user_backlog: 2500,
         token_backlog: 400,
         backlog_span: Duration::from_secs(2 * 86_400),
+        backlog_age: Duration::ZERO,
         ..SimOptions::default()
     })
     .await?;
@@ -455,6 +461,7 @@ pub async fn reset(cfg: Config, stream: &str, since: Option<&str>) -> Result<u8,
             ))
         })?),
     };
+    let _lock = WriterLock::acquire(&cfg.state.path).map_err(AppError::Locked)?;
     let store = open_store(&cfg.state.path).await?;
     store.reset_stream(stream, since_ms).await?;
     match since_ms {

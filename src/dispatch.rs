@@ -79,6 +79,31 @@ impl Dispatcher {
         mut drain: watch::Receiver<Option<i64>>,
         mut reopen: watch::Receiver<u64>,
     ) -> Result<Exit, StoreError> {
+        // A state database error (disk full, I/O) pauses delivery and is retried;
+        // the loop starts again from the last committed cursor.
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.deliver_loop(&cancel, &mut drain, &mut reopen).await {
+                Ok(exit) => return Ok(exit),
+                Err(error) => {
+                    error!(sink = %self.name, %error, "State database error; delivery pauses and retries.");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(Exit::Cancelled),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    async fn deliver_loop(
+        &mut self,
+        cancel: &CancellationToken,
+        drain: &mut watch::Receiver<Option<i64>>,
+        reopen: &mut watch::Receiver<u64>,
+    ) -> Result<Exit, StoreError> {
+        let cancel = cancel.clone();
         let mut partial_since: Option<tokio::time::Instant> = None;
         loop {
             if cancel.is_cancelled() {
@@ -145,9 +170,15 @@ impl Dispatcher {
                     Delivered::Done { pos: p, refused } => {
                         pos = p;
                         for (i, reason, status) in refused {
-                            let row = batch.rows[i].clone();
+                            let row = &batch.rows[i];
                             error!(sink = %self.name, record = %row.id, %reason, "Receiver refused a record; it is kept in dead letters.");
-                            self.store.dead_letter(&self.name, row, reason, status, now_ms()).await?;
+                            let kept = persist(&self.name, &cancel, "a dead letter", || {
+                                self.store.dead_letter(&self.name, row.clone(), reason.clone(), status, now_ms())
+                            })
+                            .await;
+                            if kept.is_none() {
+                                return Ok(Exit::Cancelled);
+                            }
                         }
                     }
                 }
@@ -157,7 +188,15 @@ impl Dispatcher {
             if pos.is_none() {
                 pos = self.store.sink_cursor(&self.name).await?.file;
             }
-            self.store.commit_cursor(&self.name, batch.last_seq, pos, now_ms()).await?;
+            fault_delay_after_delivery().await;
+            // Delivered: the cursor must now move, or the batch would be delivered twice.
+            let seq = batch.last_seq;
+            if persist(&self.name, &cancel, "the cursor", || self.store.commit_cursor(&self.name, seq, pos, now_ms()))
+                .await
+                .is_none()
+            {
+                return Ok(Exit::Cancelled);
+            }
             debug!(sink = %self.name, cursor = batch.last_seq, "Cursor moved.");
             self.cursor = batch.last_seq;
         }
@@ -182,10 +221,25 @@ impl Dispatcher {
                                 warn!(sink = %self.name, record = %row.id, %reason, "Dead letter refused again.")
                             }
                         }
-                        self.store.settle_retry(*dl, again, now_ms()).await?;
+                        if persist(&self.name, cancel, "a retried dead letter", || {
+                            self.store.settle_retry(*dl, again.clone(), now_ms())
+                        })
+                        .await
+                        .is_none()
+                        {
+                            return Ok(Exit::Cancelled);
+                        }
                     }
                     if pos.is_some() {
-                        self.store.commit_cursor(&self.name, self.cursor, pos, now_ms()).await?;
+                        let seq = self.cursor;
+                        if persist(&self.name, cancel, "the cursor", || {
+                            self.store.commit_cursor(&self.name, seq, pos, now_ms())
+                        })
+                        .await
+                        .is_none()
+                        {
+                            return Ok(Exit::Cancelled);
+                        }
                     }
                 }
             }
@@ -275,4 +329,39 @@ enum Attempt {
     Done(Option<FilePos>),
     Rejected { reason: String, status: Option<u16>, bad_index: Option<usize> },
     Cancelled,
+}
+
+/// Retry a state write that follows a delivery until it succeeds (or
+/// `None` on cancellation): the delivery itself is never repeated for it.
+async fn persist<T, Fut>(sink: &str, cancel: &CancellationToken, what: &str, mut f: impl FnMut() -> Fut) -> Option<T>
+where
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(error) => {
+                error!(%sink, %error, "Could not record {what} in the state database; retrying.");
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Testing only: `OPSERA_SHIPPER_TEST_DELAY_AFTER_DELIVERY_MS` widens the
+/// gap between a delivery and its cursor commit, so crash tests can kill
+/// the process inside it. Unset in production: no delay.
+async fn fault_delay_after_delivery() {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    let d = DELAY.get_or_init(|| {
+        std::env::var("OPSERA_SHIPPER_TEST_DELAY_AFTER_DELIVERY_MS").ok()?.parse().ok().map(Duration::from_millis)
+    });
+    if let Some(d) = d {
+        tokio::time::sleep(*d).await;
+    }
 }

@@ -191,6 +191,51 @@ struct Inner {
     shrank: tokio::sync::Notify,
 }
 
+/// An exclusive lock on a state database, held for the life of the
+/// process that writes it (`run`, `once`, `reset`): a second writer refuses
+/// to start instead of racing the first on cursors and watermarks.
+#[derive(Debug)]
+pub struct WriterLock {
+    _file: std::fs::File,
+}
+
+impl WriterLock {
+    /// Take the lock beside `db` (`<db>.lock`), or say who holds it.
+    pub fn acquire(db: &Path) -> Result<WriterLock, StoreError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        let mut path = db.as_os_str().to_owned();
+        path.push(".lock");
+        let path = PathBuf::from(path);
+        let err = |message: String| StoreError::Other { path: db.display().to_string(), message };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir).map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| err(format!("cannot open lock file {}: {e}", path.display())))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let who = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+            return Err(err(format!(
+                "another opsera-shipper{who} is using this state database; only one may write it at a time \
+                 (`status` works while it runs)"
+            )));
+        }
+        let _ = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| writeln!(file, "{}", std::process::id()));
+        Ok(WriterLock { _file: file })
+    }
+}
+
 /// Handle to the state database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {

@@ -1,0 +1,180 @@
+//! Reliability: kill -9 at random points, full disks, a second instance.
+//! The real binary, the simulated API over loopback, real SQLite files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use opsera_shipper::simulator::SimOptions;
+
+fn spawn_run(cfg: &Path, stderr_to: Option<&Path>) -> tokio::process::Child {
+    spawn_run_env(cfg, stderr_to, &[])
+}
+
+fn spawn_run_env(cfg: &Path, stderr_to: Option<&Path>, env: &[(&str, &str)]) -> tokio::process::Child {
+    let err = match stderr_to {
+        Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+        None => Stdio::null(),
+    };
+    tokio::process::Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn sigterm(mut child: tokio::process::Child) -> Option<i32> {
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("exit within 30s").unwrap().code()
+}
+
+fn integrity_ok(db: &Path) {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let r: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(r, "ok", "state database integrity");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_refuses_to_start_and_status_still_works() {
+    let h = Harness::new(opts(300, 30)).await;
+    let cfg = h.config("[streams.user_activity]\ninterval = \"1s\"\n");
+    let c = cfg.to_str().unwrap();
+    let daemon = spawn_run(&cfg, None);
+    wait_until("the daemon delivered", || h.lines().len() >= 330).await;
+    let o = h.run(&["once", "--config", c]).await;
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("another opsera-shipper (pid ") && err.contains("state.db"), "{err}");
+    let o = h.run(&["reset", "--stream", "user_activity", "--config", c]).await;
+    assert_eq!(o.status.code(), Some(75), "reset refuses while the daemon runs: {}", stderr(&o));
+    let st = status_json(&h, &cfg).await;
+    assert!(watermark(&st, "user_activity").is_some(), "status reads while the daemon runs");
+    assert_eq!(sigterm(daemon).await, Some(0));
+    let o = h.run(&["once", "--config", c]).await;
+    assert!(o.status.success(), "the lock is released on exit: {}", stderr(&o));
+    h.assert_exactly_once();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_points_loses_nothing_and_duplicates_nothing() {
+    // A slow API stretches the backfill over several seconds, so kills land
+    // while paging, between ingest and watermark, and while writing batches.
+    let h = Harness::new(SimOptions { latency: Duration::from_millis(15), ..opts(30_000, 3_000) }).await;
+    let cfg = h.config(
+        "[streams.user_activity]\npage_size = 250\ninterval = \"1s\"\n[streams.token_activity]\ninterval = \"1s\"\n",
+    );
+    let mut rng: u64 = 0x5eed_1234_abcd_ef01;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut kills = 0;
+    let mut progress = Vec::new();
+    for i in 0..24 {
+        // Every other run holds each delivered batch uncommitted for a while, so
+        // kills also land between a file write and its cursor commit.
+        let env: &[(&str, &str)] =
+            if i % 2 == 1 { &[("OPSERA_SHIPPER_TEST_DELAY_AFTER_DELIVERY_MS", "150")] } else { &[] };
+        let mut child = spawn_run_env(&cfg, None, env);
+        tokio::time::sleep(Duration::from_millis(80 + next() % 600)).await;
+        child.start_kill().unwrap(); // SIGKILL
+        let _ = child.wait().await;
+        kills += 1;
+        progress.push(h.lines().len());
+    }
+    assert!(kills >= 20);
+    assert!(progress.iter().any(|n| *n > 0 && *n < 33_000), "kills landed mid-backfill: {progress:?}");
+    // Whatever the kills left, a final run completes the backfill exactly once.
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    h.assert_exactly_once();
+    integrity_ok(&h.path("state.db"));
+}
+
+/// A small tmpfs mounted on `dir` (tests run as root in CI), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mounting a tmpfs needs root (CI runs as root): mount -t tmpfs ... {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+    fn grow(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disks_are_retried_and_nothing_is_lost() {
+    let h = Harness::new(opts(3_000, 300)).await;
+    // The file sink's filesystem holds about a quarter of the backlog.
+    let out_fs = Tmpfs::mount(&h.path("out"), "256k");
+    let cfg = h.config(
+        "[streams.user_activity]\ninterval = \"1s\"\npage_size = 200\n[streams.token_activity]\ninterval = \"1s\"\n",
+    );
+    let log = h.path("daemon.log");
+    let daemon = spawn_run(&cfg, Some(&log));
+    wait_until("the file sink reports the full disk", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("No space left on device")
+    })
+    .await;
+    let stuck = h.lines().len();
+    assert!(stuck < 3_300, "the disk filled before the backlog was written");
+    out_fs.grow("16m");
+    wait_until("the file sink resumed and caught up", || h.lines().len() >= 3_300).await;
+    assert_eq!(sigterm(daemon).await, Some(0));
+    h.assert_exactly_once();
+    integrity_ok(&h.path("state.db"));
+    drop(out_fs);
+
+    // Now the state database's filesystem fills up while new records arrive.
+    let h = Harness::new(opts(0, 0)).await;
+    let state_fs = Tmpfs::mount(&h.path("state"), "1m");
+    let cfg = h.config(
+        "[streams.user_activity]\ninterval = \"1s\"\npage_size = 200\n[streams.token_activity]\nenabled = false\n",
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("state.db", "state/state.db");
+    std::fs::write(&cfg, text).unwrap();
+    let log = h.path("daemon2.log");
+    let daemon = spawn_run(&cfg, Some(&log));
+    let big = serde_json::to_string(&"x".repeat(2_000)).unwrap();
+    let at = h.sim.now() - 3 * MINUTE;
+    for _ in 0..1_500 {
+        h.sim.add_user_with(at, &[("description", big.clone())]);
+    }
+    wait_until("the store reports the full disk", || {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        l.contains("full") || l.contains("No space left")
+    })
+    .await;
+    state_fs.grow("64m");
+    wait_until("everything was delivered after space was freed", || h.lines().len() >= 1_500).await;
+    assert_eq!(sigterm(daemon).await, Some(0));
+    h.assert_exactly_once();
+    integrity_ok(&h.path("state/state.db"));
+}
