@@ -213,14 +213,14 @@ async fn rejected_credentials_hold_the_sink_and_lose_nothing() {
 async fn receiver_outage_holds_back_only_its_sink_and_loses_nothing() {
     let h = Harness::new(opts(600, 60)).await;
     let r = Receiver::start(Mode::Ndjson).await;
-    for _ in 0..3 {
+    // First the receiver answers 503 for a while...
+    for _ in 0..4 {
         r.st().script.push_back((503, None));
     }
     let cfg = h.config(&hook(
         &r,
         "batch_max_records = 50\nmax_backoff = \"500ms\"\n[streams.user_activity]\ninterval = \"1s\"\n[streams.token_activity]\ninterval = \"1s\"\n",
     ));
-    r.stop().await; // down before the daemon starts, after three 503s are queued for later
     let mut child = tokio::process::Command::new(BIN)
         .args(["run", "--config", cfg.to_str().unwrap()])
         .stdin(std::process::Stdio::null())
@@ -228,7 +228,9 @@ async fn receiver_outage_holds_back_only_its_sink_and_loses_nothing() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    // The file sink keeps delivering while the receiver is away.
+    wait_until("the receiver answered 503 four times", || r.st().script.is_empty()).await;
+    // ...then goes away entirely, while the file sink keeps delivering...
+    r.stop().await;
     wait_until("the file sink delivered the backlog", || h.lines().len() >= 660).await;
     let more = h.sim.add_user_at(25, h.sim.now() - 3 * MINUTE);
     wait_until("the file sink delivered new records", || {
@@ -236,14 +238,13 @@ async fn receiver_outage_holds_back_only_its_sink_and_loses_nothing() {
         more.iter().all(|m| ids.contains(m))
     })
     .await;
-    assert!(r.st().accepted.is_empty());
-    // Back, first answering 503 three times, then accepting.
+    // ...then comes back, and the webhook catches up from the journal.
     r.restart().await;
     wait_until("the receiver caught up", || r.st().accepted.len() >= 685).await;
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(0));
-    assert!(r.st().requests.iter().filter(|q| q.status == 503).count() == 3);
+    assert_eq!(r.st().requests.iter().filter(|q| q.status == 503).count(), 4);
     assert_received_once(&r, &h.served());
     h.assert_exactly_once();
 }
