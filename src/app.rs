@@ -209,20 +209,62 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<u8, AppError> {
     let (reopen_tx, reopen_rx) = watch::channel(0u64);
     spawn_signal_handler(stop.clone(), Some(reopen_tx));
     let (_drain_tx, drain_rx) = watch::channel(None);
+    let health = crate::health::Health::get();
+    for s in p.cfg.enabled_streams() {
+        health.register_stream(&s.name, s.interval);
+    }
+    if let Some(listen) = p.cfg.server_listen {
+        let sinks = p.cfg.sinks.iter().map(|s| s.name.clone()).collect();
+        let streams = p.cfg.enabled_streams().map(|s| s.name.clone()).collect();
+        let addr = crate::server::start(listen, p.store.clone(), sinks, streams, stop.clone())
+            .await
+            .map_err(|e| AppError::Other(anyhow::anyhow!("server.listen: cannot listen on {listen}: {e}")))?;
+        info!(%addr, "Serving /healthz, /readyz and /metrics.");
+    }
     let tracker = TaskTracker::new();
     // Pollers stop at once on shutdown; dispatchers finish the batch in flight.
     for poller in p.pollers() {
-        tracker.spawn(poller.run(stop.clone()));
-    }
-    for d in dispatchers {
-        let (stop, drain, reopen) = (stop.clone(), drain_rx.clone(), reopen_rx.clone());
+        let (stop, name) = (stop.clone(), format!("poller {}", poller.stream().name));
         tracker.spawn(async move {
-            if let Err(e) = d.run(stop, drain, reopen).await {
-                error!(error = %e, "Dispatcher stopped on a state database error.");
+            poller.run(stop.clone()).await;
+            if !stop.is_cancelled() {
+                crate::health::Health::get().exited(&name);
+            }
+        });
+    }
+    for (d, s) in dispatchers.into_iter().zip(p.cfg.sinks.iter()) {
+        let (stop, drain, reopen) = (stop.clone(), drain_rx.clone(), reopen_rx.clone());
+        let name = format!("sink {}", s.name);
+        tracker.spawn(async move {
+            let r = d.run(stop.clone(), drain, reopen).await;
+            if !stop.is_cancelled() {
+                error!(loop_name = %name, result = ?r.map(|_| ()), "A delivery loop stopped.");
+                crate::health::Health::get().exited(&name);
             }
         });
     }
     tracker.close();
+    // systemd: ready once the store is open and every sink is built; watchdog
+    // pings only while no loop is wedged. Harmless outside systemd.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match crate::health::Health::get().alive() {
+                    Ok(()) => {
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    }
+                    Err(problems) => warn!(?problems, "A loop is wedged: withholding the systemd watchdog ping."),
+                }
+            }
+        });
+    }
     info!(
         streams = ?p.cfg.enabled_streams().map(|s| s.name.as_str()).collect::<Vec<_>>(),
         sinks = ?p.cfg.sinks.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
@@ -230,6 +272,7 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<u8, AppError> {
         "opsera-shipper running."
     );
     stop.cancelled().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     info!(timeout = %humantime::format_duration(shutdown_timeout), "Shutting down: polling stopped, finishing batches in flight.");
     if tokio::time::timeout(shutdown_timeout, tracker.wait()).await.is_err() {
         warn!("Shutdown timeout reached; batches still in flight are delivered again on the next start.");
@@ -393,6 +436,38 @@ pub async fn status(cfg: Config, json: bool) -> Result<u8, AppError> {
         );
     }
     Ok(exit::OK)
+}
+
+/// `health`: exit 0 when `/readyz` answers 200, 1 otherwise.
+pub async fn health(url: Option<String>, cfg: Option<Config>) -> Result<u8, AppError> {
+    let base = match (url, cfg.and_then(|c| c.server_listen)) {
+        (Some(u), _) => u.trim_end_matches('/').to_string(),
+        (None, Some(addr)) => {
+            let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            format!("http://{host}:{}", addr.port())
+        }
+        (None, None) => {
+            return Err(AppError::Usage("no [server] listen in the config; pass --url http://HOST:PORT".into()));
+        }
+    };
+    let url = format!("{base}/readyz");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| AppError::Other(anyhow::anyhow!("HTTP client: {e}")))?;
+    match client.get(&url).send().await {
+        Ok(r) => {
+            let ok = r.status().is_success();
+            let body = r.text().await.unwrap_or_default();
+            println!("{body}");
+            Ok(if ok { exit::OK } else { 1 })
+        }
+        Err(e) => {
+            println!("{url}: {}", crate::http::describe_reqwest(&e));
+            Ok(1)
+        }
+    }
 }
 
 /// `dead-letters list|retry|purge`.

@@ -48,6 +48,12 @@ pub enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Probe readiness (`/readyz`): exit 0 when ready, 1 when not (for container health checks).
+    Health {
+        /// Base URL of the ops endpoints (default: from `[server] listen` in the config).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Records a sink refused permanently: list them, send them again, or delete them.
     DeadLetters {
         #[command(subcommand)]

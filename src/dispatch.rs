@@ -42,6 +42,8 @@ pub struct Dispatcher {
     batching: Batching,
     overhead: usize,
     min_delay: Duration,
+    /// The reopen generation (SIGHUP count) last acted on.
+    reopened: u64,
 }
 
 /// What delivering a set of rows came to.
@@ -68,6 +70,7 @@ impl Dispatcher {
             batching,
             overhead,
             min_delay: Duration::from_millis(200),
+            reopened: 0,
         }
     }
 
@@ -109,8 +112,10 @@ impl Dispatcher {
             if cancel.is_cancelled() {
                 return Ok(Exit::Cancelled);
             }
-            if reopen.has_changed().unwrap_or(false) {
-                reopen.borrow_and_update();
+            // Compare generations: the idle wait below may already have marked the change as seen.
+            let generation = *reopen.borrow_and_update();
+            if generation != self.reopened {
+                self.reopened = generation;
                 if let Err(e) = self.sink.reopen().await {
                     warn!(sink = %self.name, error = %e, "Reopen failed; retrying at the next delivery.");
                 }
@@ -128,7 +133,10 @@ impl Dispatcher {
                 .read_batch(self.cursor, self.streams.clone(), b.max_records, b.max_bytes, self.overhead)
                 .await?;
             let target = *drain.borrow_and_update();
+            let health = crate::health::Health::get();
+            let loop_name = format!("sink {}", self.name);
             if batch.last_seq == self.cursor {
+                health.idle(&loop_name);
                 if target.is_some_and(|t| self.cursor >= t) {
                     return Ok(Exit::Drained);
                 }
@@ -163,12 +171,17 @@ impl Dispatcher {
                 }
             }
             partial_since = None;
+            health.busy(&loop_name);
             let mut pos = None;
             if !batch.rows.is_empty() {
                 match self.deliver(&batch.rows, &cancel).await {
                     Delivered::Cancelled => return Ok(Exit::Cancelled),
                     Delivered::Done { pos: p, refused } => {
                         pos = p;
+                        let m = crate::metrics::get();
+                        let label = crate::metrics::sink(&self.name);
+                        m.records_delivered.get_or_create(&label).inc_by((batch.rows.len() - refused.len()) as u64);
+                        m.dead_letters.get_or_create(&label).inc_by(refused.len() as u64);
                         for (i, reason, status) in refused {
                             let row = &batch.rows[i];
                             error!(sink = %self.name, record = %row.id, %reason, "Receiver refused a record; it is kept in dead letters.");
@@ -304,9 +317,24 @@ impl Dispatcher {
                     return Attempt::Done(pos);
                 }
                 Err(SinkError::Rejected { reason, status, bad_index }) => {
+                    crate::metrics::get()
+                        .sink_errors
+                        .get_or_create(&crate::metrics::SinkErrorLabels {
+                            sink: self.name.clone(),
+                            kind: "rejected".into(),
+                        })
+                        .inc();
                     return Attempt::Rejected { reason, status, bad_index };
                 }
                 Err(SinkError::Retryable { reason, retry_after }) => {
+                    crate::metrics::get()
+                        .sink_errors
+                        .get_or_create(&crate::metrics::SinkErrorLabels {
+                            sink: self.name.clone(),
+                            kind: "retryable".into(),
+                        })
+                        .inc();
+                    crate::health::Health::get().busy(&format!("sink {}", self.name));
                     let backoff = delays.next().unwrap_or(self.batching.max_backoff);
                     let delay = retry_after.map_or(backoff, |ra| ra.max(backoff));
                     warn!(sink = %self.name, attempt, %reason, delay_ms = delay.as_millis() as u64, "Delivery failed; retrying.");

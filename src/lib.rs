@@ -24,16 +24,20 @@
 //! - [`dispatch`]: per-sink delivery loop.
 //! - [`sink`]: the sink trait and the sinks.
 //! - [`simulator`]: a simulated Opsera API for the demo and the tests.
-//! - [`app`]: the commands (`run`, `once`, `demo`, `status`, `reset`).
+//! - [`server`], [`health`], [`metrics`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`app`]: the commands (`run`, `once`, `demo`, `status`, `reset`, ...).
 
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod health;
 pub mod http;
 mod lenient;
+pub mod metrics;
 pub mod opsera;
 pub mod poller;
+pub mod server;
 pub mod simulator;
 pub mod sink;
 pub mod store;

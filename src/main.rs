@@ -33,6 +33,14 @@ fn run(cli: Cli) -> Result<u8, AppError> {
         init_logging("info", LogFormat::Text);
         return runtime()?.block_on(app::demo(dir, duration));
     }
+    if let Command::Health { url } = &cli.command {
+        // A probe needs no token, and with --url no config at all.
+        let cfg = match url {
+            Some(_) => None,
+            None => Some(config::load(&cli.config, &LoadOptions { require_token: false, env: None })?),
+        };
+        return runtime()?.block_on(app::health(url.clone(), cfg));
+    }
     let cfg = config::load(&cli.config, &LoadOptions { require_token, env: None })?;
     init_logging(&cfg.log.level, cfg.log.format);
     match cli.command {
@@ -46,7 +54,7 @@ fn run(cli: Cli) -> Result<u8, AppError> {
         Command::Status { json } => runtime()?.block_on(app::status(cfg, json)),
         Command::Reset { stream, since } => runtime()?.block_on(app::reset(cfg, &stream, since.as_deref())),
         Command::DeadLetters { action } => runtime()?.block_on(app::dead_letters(cfg, action)),
-        Command::Demo { .. } => unreachable!("handled above"),
+        Command::Demo { .. } | Command::Health { .. } => unreachable!("handled above"),
     }
 }
 

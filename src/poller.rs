@@ -80,9 +80,14 @@ impl Poller {
     /// recorded in the store, and retried at the next interval.
     pub async fn run(self, cancel: CancellationToken) {
         let interval = self.stream.interval;
+        let health = crate::health::Health::get();
+        let loop_name = format!("poller {}", self.stream.name);
         loop {
             let started = tokio::time::Instant::now();
-            match self.poll_once(&cancel).await {
+            health.busy(&loop_name);
+            let result = self.poll_once(&cancel).await;
+            health.idle(&loop_name);
+            match result {
                 Ok(_) | Err(PollError::Cancelled) => {}
                 Err(error) => {
                     warn!(stream = %self.stream.name, %error, "Poll failed; the next poll retries the same span.");
@@ -98,8 +103,29 @@ impl Poller {
         }
     }
 
-    /// One poll of the stream up to now.
+    /// One poll of the stream up to now (recorded in metrics and health).
     pub async fn poll_once(&self, cancel: &CancellationToken) -> Result<PollReport, PollError> {
+        let started = std::time::Instant::now();
+        let label = crate::metrics::stream(&self.stream.name);
+        let m = crate::metrics::get();
+        let result = self.poll_inner(cancel).await;
+        m.poll_duration.get_or_create(&label).observe(started.elapsed().as_secs_f64());
+        let health = crate::health::Health::get();
+        match &result {
+            Ok(_) => {
+                m.polls.get_or_create(&label).inc();
+                health.poll_ok(&self.stream.name);
+            }
+            Err(PollError::Cancelled) => {}
+            Err(e) => {
+                m.poll_errors.get_or_create(&label).inc();
+                health.poll_failed(&self.stream.name, &e.to_string(), e.is_auth());
+            }
+        }
+        result
+    }
+
+    async fn poll_inner(&self, cancel: &CancellationToken) -> Result<PollReport, PollError> {
         let cp = self.store.checkpoint(&self.stream.name).await?;
         let span = info_span!(
             "poll",
@@ -222,6 +248,7 @@ impl Poller {
                     if s.kind == StreamKind::UserActivityV1 { " (use api = \"v2\" for user activity)" } else { "" }
                 );
                 self.store.count_truncated_day(&s.name).await?;
+                crate::metrics::get().truncated_days.get_or_create(&crate::metrics::stream(&s.name)).inc();
             }
             self.ingest(p.records, &mut report, &mut max_created).await?;
         }
@@ -238,7 +265,13 @@ impl Poller {
         if records.is_empty() {
             return Ok(());
         }
+        let n = records.len() as u64;
         let st = self.store.ingest(&self.stream.name, records).await?;
+        let m = crate::metrics::get();
+        let label = crate::metrics::stream(&self.stream.name);
+        m.records_fetched.get_or_create(&label).inc_by(n);
+        m.records_stored.get_or_create(&label).inc_by(st.new);
+        m.records_duplicate.get_or_create(&label).inc_by(st.duplicate);
         report.new += st.new;
         report.duplicate += st.duplicate;
         if let Some(m) = st.max_created {

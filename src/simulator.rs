@@ -253,6 +253,11 @@ impl Simulator {
         self.st().fail_every = (n > 0).then_some((n, status));
     }
 
+    /// Accept only this token from now on (token rotation).
+    pub fn set_token(&self, token: &str) {
+        self.st().opts.token = token.to_string();
+    }
+
     pub fn set_end_bound(&self, b: EndBound) {
         self.st().opts.end_bound = b;
     }

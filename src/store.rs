@@ -132,6 +132,22 @@ pub struct Batch {
     pub last_seq: i64,
 }
 
+/// Per-sink numbers for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SinkScrape {
+    pub name: String,
+    pub lag_records: i64,
+    pub oldest_created: Option<i64>,
+    pub dead_letters: i64,
+}
+
+/// Store-derived gauges for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    pub sinks: Vec<SinkScrape>,
+    pub watermarks: Vec<(String, Option<i64>)>,
+}
+
 /// A record a sink refused, kept with the reason.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
@@ -802,6 +818,40 @@ impl Store {
                 streams,
                 sinks: out,
             })
+        })
+        .await
+    }
+
+    /// The store-derived gauges for `/metrics`.
+    pub async fn scrape(&self, sinks: Vec<String>, streams: Vec<String>) -> Result<Scrape, StoreError> {
+        self.run(move |inner, conn| {
+            let q = |e| sq(inner, e);
+            let mut out = Scrape::default();
+            for name in sinks {
+                let cursor: i64 = conn
+                    .query_row("SELECT delivered_seq FROM sink_cursors WHERE sink = ?1", [&name], |r| r.get(0))
+                    .optional()
+                    .map_err(q)?
+                    .unwrap_or(0);
+                let (lag_records, oldest_created): (i64, Option<i64>) = conn
+                    .query_row("SELECT count(*), min(created) FROM journal WHERE seq > ?1", [cursor], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .map_err(q)?;
+                let dead_letters: i64 = conn
+                    .query_row("SELECT count(*) FROM dead_letters WHERE sink = ?1", [&name], |r| r.get(0))
+                    .map_err(q)?;
+                out.sinks.push(SinkScrape { name, lag_records, oldest_created, dead_letters });
+            }
+            for name in streams {
+                let wm: Option<i64> = conn
+                    .query_row("SELECT watermark FROM streams WHERE name = ?1", [&name], |r| r.get(0))
+                    .optional()
+                    .map_err(q)?
+                    .flatten();
+                out.watermarks.push((name, wm));
+            }
+            Ok(out)
         })
         .await
     }

@@ -88,6 +88,14 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     runtime: RawRuntime,
+    #[serde(default)]
+    server: RawServer,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,6 +199,8 @@ pub struct Config {
     pub sinks: Vec<SinkConfig>,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
+    /// Address of the ops endpoints; `None`: disabled.
+    pub server_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +211,8 @@ pub struct ApiConfig {
     pub token: Option<Secret>,
     /// Where the token came from, for check-config (never the token itself).
     pub token_source: String,
+    /// The file the token was read from, re-read when it changes (rotation).
+    pub token_file: Option<PathBuf>,
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
     pub ca_pem: Option<Vec<u8>>,
@@ -373,7 +385,7 @@ fn validate(
     let allow_insecure_http = raw.api.allow_insecure_http.unwrap_or(false);
     let base_url = validate_base_url(raw.api.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL), allow_insecure_http)
         .map_err(|m| err(format!("api.base_url: {m}")))?;
-    let (token, token_source) = resolve_token(&raw.api, env).map_err(err)?;
+    let (token, token_source, token_file) = resolve_token(&raw.api, env).map_err(err)?;
     if token.is_none() && opts.require_token {
         return Err(err(
             "no API token: set api.token_file (preferred), put it in $CREDENTIALS_DIRECTORY/opsera-token, \
@@ -511,12 +523,21 @@ fn validate(
     let shutdown_timeout =
         duration_key("runtime.shutdown_timeout", raw.runtime.shutdown_timeout.as_deref(), "20s").map_err(&err)?;
 
+    let server_listen = match raw.server.listen.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(l) => {
+            Some(l.parse().map_err(|_| err(format!("server.listen: '{l}' is not an address such as 127.0.0.1:9464")))?)
+        }
+    };
+
     Ok(Config {
+        server_listen,
         source: path.to_path_buf(),
         api: ApiConfig {
             base_url,
             token,
             token_source,
+            token_file,
             timeout,
             ca_file,
             ca_pem,
@@ -601,24 +622,26 @@ fn validate_stream(name: &str, rs: RawStream) -> Result<StreamConfig, String> {
 /// Find the API token in order of preference: `token_file`, then systemd's
 /// `$CREDENTIALS_DIRECTORY/opsera-token`, then `api.token` (which the
 /// environment variable `OPSERA_SHIPPER__API__TOKEN` overrides).
-fn resolve_token(api: &RawApi, env: &HashMap<String, String>) -> Result<(Option<Secret>, String), String> {
+type TokenFound = (Option<Secret>, String, Option<PathBuf>);
+
+fn resolve_token(api: &RawApi, env: &HashMap<String, String>) -> Result<TokenFound, String> {
     if let Some(p) = &api.token_file {
         let t = read_secret_file(p).map_err(|m| format!("api.token_file: {m}"))?;
-        return Ok((Some(t), format!("file {}", p.display())));
+        return Ok((Some(t), format!("file {}", p.display()), Some(p.clone())));
     }
     if let Some(dir) = env.get("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
         let p = Path::new(dir).join("opsera-token");
         if p.exists() {
             let t = read_secret_file(&p).map_err(|m| format!("$CREDENTIALS_DIRECTORY/opsera-token: {m}"))?;
-            return Ok((Some(t), format!("systemd credential {}", p.display())));
+            return Ok((Some(t), format!("systemd credential {}", p.display()), Some(p)));
         }
     }
     if let Some(t) = api.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
         let from_env = env.get(&format!("{ENV_PREFIX}__API__TOKEN")).is_some_and(|v| !v.is_empty());
         let source = if from_env { "environment OPSERA_SHIPPER__API__TOKEN" } else { "api.token" };
-        return Ok((Some(Secret::new(t)), source.into()));
+        return Ok((Some(Secret::new(t)), source.into(), None));
     }
-    Ok((None, "none".into()))
+    Ok((None, "none".into(), None))
 }
 
 /// Read a secret from a file, trimming surrounding whitespace and the trailing newline.
@@ -784,6 +807,9 @@ impl Config {
         let _ = writeln!(o, "level = {:?}", self.log.level);
         let fmt = if self.log.format == LogFormat::Json { "json" } else { "text" };
         let _ = writeln!(o, "format = {fmt:?}");
+        if let Some(l) = &self.server_listen {
+            let _ = writeln!(o, "\n[server]\nlisten = {:?}", l.to_string());
+        }
         let _ = writeln!(o, "\n[runtime]");
         let _ = writeln!(
             o,

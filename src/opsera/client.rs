@@ -53,12 +53,61 @@ impl ApiError {
     }
 }
 
+/// The API token, re-read from its file when the file changes (a rotated
+/// Kubernetes secret or systemd credential needs no restart).
+pub struct Token {
+    file: Option<std::path::PathBuf>,
+    state: std::sync::Mutex<(Secret, Option<std::time::SystemTime>)>,
+}
+
+impl Token {
+    pub fn new(value: Secret, file: Option<std::path::PathBuf>) -> Self {
+        let mtime = file.as_ref().and_then(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok());
+        Self { file, state: std::sync::Mutex::new((value, mtime)) }
+    }
+
+    /// The current token (re-read if the file's modification time changed).
+    pub fn current(&self) -> Secret {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = &self.file {
+            let mtime = std::fs::metadata(f).and_then(|m| m.modified()).ok();
+            if mtime.is_some() && mtime != st.1 {
+                match crate::config::read_secret_file(f) {
+                    Ok(t) => {
+                        if t != st.0 {
+                            tracing::info!(file = %f.display(), "API token file changed; using the new token.");
+                        }
+                        *st = (t, mtime);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Cannot re-read the API token file; keeping the previous token.")
+                    }
+                }
+            }
+        }
+        st.0.clone()
+    }
+
+    /// Re-read the file now; true when the token changed.
+    pub fn reload(&self) -> bool {
+        let Some(f) = &self.file else { return false };
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match crate::config::read_secret_file(f) {
+            Ok(t) if t != st.0 => {
+                *st = (t, std::fs::metadata(f).and_then(|m| m.modified()).ok());
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A client for one Opsera tenant.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base_url: String,
-    token: Secret,
+    token: std::sync::Arc<Token>,
     max_response_bytes: u64,
     max_retries: u32,
     min_delay: Duration,
@@ -68,6 +117,7 @@ pub struct Client {
 impl Client {
     /// Build a client from validated config; `token` must be present.
     pub fn new(cfg: &ApiConfig, token: Secret) -> anyhow::Result<Self> {
+        let token = std::sync::Arc::new(Token::new(token, cfg.token_file.clone()));
         let mut b = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
@@ -124,6 +174,7 @@ impl Client {
             .with_max_times(self.max_retries as usize)
             .build();
         let mut attempts = 0u32;
+        let mut reloaded = false;
         loop {
             attempts += 1;
             let started = std::time::Instant::now();
@@ -131,13 +182,30 @@ impl Client {
                 _ = cancel.cancelled() => return Err(ApiError::Cancelled),
                 r = self.attempt(&url, meaning) => r,
             };
+            let m = crate::metrics::get();
+            m.api_duration
+                .get_or_create(&crate::metrics::EndpointLabel { endpoint: path.to_string() })
+                .observe(started.elapsed().as_secs_f64());
+            let status = match &outcome {
+                Attempt::Done(_) => "200".to_string(),
+                Attempt::Fatal(ApiError::Auth { status, .. } | ApiError::Rejected { status, .. }) => status.to_string(),
+                Attempt::Fatal(_) => "bad_response".to_string(),
+                Attempt::Retry { status, .. } => status.map_or_else(|| "error".to_string(), |s| s.to_string()),
+            };
+            m.api_requests.get_or_create(&crate::metrics::ApiLabels { endpoint: path.to_string(), status }).inc();
             let (reason, retry_after) = match outcome {
                 Attempt::Done(page) => {
                     tracing::debug!(%url, records = page.records.len(), elapsed_ms = started.elapsed().as_millis() as u64, "Fetched page.");
                     return Ok(page);
                 }
+                Attempt::Fatal(ApiError::Auth { .. }) if !reloaded && self.token.reload() => {
+                    // The token file was rotated: try once more with the new token.
+                    reloaded = true;
+                    tracing::info!(%url, "API refused the token; retrying with the rotated token from its file.");
+                    continue;
+                }
                 Attempt::Fatal(e) => return Err(e),
-                Attempt::Retry { reason, retry_after } => (reason, retry_after),
+                Attempt::Retry { reason, retry_after, .. } => (reason, retry_after),
             };
             let Some(backoff) = delays.next() else {
                 return Err(ApiError::Unavailable { url, attempts, reason });
@@ -155,7 +223,7 @@ impl Client {
     }
 
     async fn attempt(&self, url: &str, meaning: CountMeaning) -> Attempt {
-        let mut auth = match HeaderValue::from_str(&format!("Bearer {}", self.token.expose())) {
+        let mut auth = match HeaderValue::from_str(&format!("Bearer {}", self.token.current().expose())) {
             Ok(v) => v,
             Err(_) => {
                 return Attempt::Fatal(ApiError::Rejected {
@@ -169,7 +237,7 @@ impl Client {
         let resp = match self.http.get(url).header(AUTHORIZATION, auth).send().await {
             Ok(r) => r,
             Err(e) => {
-                return Attempt::Retry { reason: describe_reqwest(&e), retry_after: None };
+                return Attempt::Retry { reason: describe_reqwest(&e), retry_after: None, status: None };
             }
         };
         let status = resp.status();
@@ -178,7 +246,11 @@ impl Client {
             return Attempt::Fatal(ApiError::Auth { url: url.into(), status: status.as_u16() });
         }
         if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            return Attempt::Retry { reason: format!("HTTP {}", status.as_u16()), retry_after };
+            return Attempt::Retry {
+                reason: format!("HTTP {}", status.as_u16()),
+                retry_after,
+                status: Some(status.as_u16()),
+            };
         }
         let body = match read_capped(resp, self.max_response_bytes).await {
             Ok(b) => b,
@@ -189,7 +261,7 @@ impl Client {
                 });
             }
             Err(BodyError::Io(reason)) => {
-                return Attempt::Retry { reason, retry_after: None };
+                return Attempt::Retry { reason, retry_after: None, status: None };
             }
         };
         if !status.is_success() {
@@ -209,7 +281,7 @@ impl Client {
 enum Attempt {
     Done(Page),
     Fatal(ApiError),
-    Retry { reason: String, retry_after: Option<Duration> },
+    Retry { reason: String, retry_after: Option<Duration>, status: Option<u16> },
 }
 
 enum BodyError {

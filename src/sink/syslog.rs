@@ -108,6 +108,7 @@ impl SyslogSink {
             let m = self.fmt.format(r);
             if m.truncated {
                 self.truncated += 1;
+                crate::metrics::get().syslog_truncated.get_or_create(&crate::metrics::sink(&self.name)).inc();
                 warn!(
                     sink = %self.name,
                     record = %r.id,

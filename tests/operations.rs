@@ -1,0 +1,215 @@
+//! Running it in production: ops endpoints, the health probe, systemd
+//! notifications, SIGHUP after logrotate, token rotation, SIGTERM.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use opsera_shipper::simulator::SimOptions;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn_run(cfg: &Path, env: &[(&str, &str)]) -> tokio::process::Child {
+    tokio::process::Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &tokio::process::Child, sig: i32) {
+    unsafe { libc::kill(child.id().unwrap() as i32, sig) };
+}
+
+async fn exit_code(mut child: tokio::process::Child) -> Option<i32> {
+    tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("exits within 30s").unwrap().code()
+}
+
+async fn get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// The value of one sample line in Prometheus text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().split(' ').next()?.parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_endpoints_report_health_readiness_and_metrics() {
+    let h = Harness::new(opts(500, 50)).await;
+    let port = free_port();
+    let cfg =
+        h.config(&format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[streams.user_activity]\ninterval = \"1s\"\n"));
+    let daemon = spawn_run(&cfg, &[]);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_until("the file sink delivered", || h.lines().len() >= 550).await;
+    let mut ready = (0, String::new());
+    for _ in 0..100 {
+        ready = get(&format!("{base}/readyz")).await;
+        if ready.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ready.0, 200, "{}", ready.1);
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+    let (code, text) = get(&format!("{base}/metrics")).await;
+    assert_eq!(code, 200);
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics exposition");
+    for family in [
+        "opsera_shipper_records_fetched_total",
+        "opsera_shipper_records_duplicate_total",
+        "opsera_shipper_records_stored_total",
+        "opsera_shipper_records_delivered_total",
+        "opsera_shipper_journal_records",
+        "opsera_shipper_sink_lag_records",
+        "opsera_shipper_sink_lag_seconds",
+        "opsera_shipper_watermark_age_seconds",
+        "opsera_shipper_api_requests_total",
+        "opsera_shipper_api_request_duration_seconds",
+        "opsera_shipper_poll_duration_seconds",
+        "opsera_shipper_process_start_time_seconds",
+        "opsera_shipper_build_info",
+    ] {
+        assert!(text.contains(family), "/metrics lacks {family}");
+    }
+    assert_eq!(sample(&text, "opsera_shipper_records_delivered_total{sink=\"archive\"}"), Some(550.0), "{text}");
+    assert_eq!(sample(&text, "opsera_shipper_records_stored_total{stream=\"user_activity\"}"), Some(500.0));
+    assert_eq!(sample(&text, "opsera_shipper_records_stored_total{stream=\"token_activity\"}"), Some(50.0));
+    assert!(!text.contains(h.sim.token()), "no secret in metrics");
+    // The probe command agrees, from the config or a URL.
+    let o = h.run(&["health", "--config", cfg.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(h.run(&["health", "--url", &base]).await.status.code(), Some(0));
+    signal(&daemon, libc::SIGTERM);
+    assert_eq!(exit_code(daemon).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_says_token_rejected() {
+    let h = Harness::new(opts(10, 0)).await;
+    let port = free_port();
+    let cfg = h.config(&format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(h.sim.token(), "revoked-token");
+    std::fs::write(&cfg, text).unwrap();
+    let daemon = spawn_run(&cfg, &[]);
+    let base = format!("http://127.0.0.1:{port}");
+    let mut r = (0, String::new());
+    for _ in 0..100 {
+        r = get(&format!("{base}/readyz")).await;
+        if r.1.contains("token rejected") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(r.0, 503);
+    assert!(r.1.contains("token rejected"), "{}", r.1);
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200, "alive, though not ready");
+    assert_eq!(h.run(&["health", "--url", &base]).await.status.code(), Some(1));
+    signal(&daemon, libc::SIGTERM);
+    assert_eq!(exit_code(daemon).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notifications_arrive_on_notify_socket() {
+    let h = Harness::new(opts(50, 0)).await;
+    let sock_path = h.path("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&sock_path).unwrap();
+    let cfg = h.config("");
+    let daemon = spawn_run(&cfg, &[("NOTIFY_SOCKET", sock_path.to_str().unwrap()), ("WATCHDOG_USEC", "1000000")]);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut stopped = false;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), sock.recv(&mut buf)).await {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        let has = |m: &str| got.iter().any(|g| g.contains(m));
+        if has("READY=1") && has("WATCHDOG=1") && !stopped {
+            signal(&daemon, libc::SIGTERM);
+            stopped = true;
+        }
+        if has("STOPPING=1") {
+            break;
+        }
+    }
+    for m in ["READY=1", "WATCHDOG=1", "STOPPING=1"] {
+        assert!(got.iter().any(|g| g.contains(m)), "{m} not received: {got:?}");
+    }
+    assert_eq!(exit_code(daemon).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_after_rotation_writes_a_new_file_and_loses_nothing() {
+    let h = Harness::new(opts(300, 0)).await;
+    let cfg = h.config("[streams.user_activity]\ninterval = \"1s\"\n[streams.token_activity]\nenabled = false\n");
+    let daemon = spawn_run(&cfg, &[]);
+    wait_until("the backlog is delivered", || h.lines().len() >= 300).await;
+    let rotated = h.path("out/audit.jsonl.1");
+    std::fs::rename(h.out(), &rotated).unwrap(); // logrotate's move, then `create` + SIGHUP
+    signal(&daemon, libc::SIGHUP);
+    let fresh = h.sim.add_user_at(40, h.sim.now() - 3 * MINUTE);
+    wait_until("new records land in a new file at the configured path", || {
+        let ids: Vec<String> = h.lines().iter().map(|l| id_of(l)).collect();
+        fresh.iter().all(|f| ids.contains(f))
+    })
+    .await;
+    signal(&daemon, libc::SIGTERM);
+    assert_eq!(exit_code(daemon).await, Some(0));
+    let mut all = read_lines(&rotated);
+    assert_eq!(all.len(), 300, "the rotated file kept the old records, and only those");
+    all.extend(h.lines());
+    assert_exactly_once(&all, &h.served());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_file_is_picked_up_without_restart() {
+    let h = Harness::new(opts(100, 0)).await;
+    let tf = h.path("token");
+    std::fs::write(&tf, format!("{}\n", h.sim.token())).unwrap();
+    let cfg = h.config("[streams.user_activity]\ninterval = \"1s\"\n[streams.token_activity]\nenabled = false\n");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&format!("token = {:?}", h.sim.token()), &format!("token_file = {:?}", tf.display().to_string()));
+    std::fs::write(&cfg, text).unwrap();
+    let daemon = spawn_run(&cfg, &[]);
+    wait_until("the backlog is delivered", || h.lines().len() >= 100).await;
+    // Rotate: the API now accepts only the new token, and the file holds it.
+    h.sim.set_token("rotated-token-2");
+    std::fs::write(&tf, "rotated-token-2\n").unwrap();
+    let fresh = h.sim.add_user_at(20, h.sim.now() - 3 * MINUTE);
+    wait_until("records fetched with the rotated token", || {
+        let ids: Vec<String> = h.lines().iter().map(|l| id_of(l)).collect();
+        fresh.iter().all(|f| ids.contains(f))
+    })
+    .await;
+    signal(&daemon, libc::SIGTERM);
+    assert_eq!(exit_code(daemon).await, Some(0));
+    h.assert_exactly_once();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_busy_backfill_exits_0_and_a_restart_neither_loses_nor_repeats() {
+    let h = Harness::new(SimOptions { latency: Duration::from_millis(20), ..opts(8_000, 0) }).await;
+    let cfg = h.config("[streams.user_activity]\npage_size = 200\n[streams.token_activity]\nenabled = false\n");
+    let daemon = spawn_run(&cfg, &[]);
+    wait_until("the backfill is under way", || h.lines().len() >= 400).await;
+    signal(&daemon, libc::SIGTERM);
+    assert_eq!(exit_code(daemon).await, Some(0));
+    assert!(h.lines().len() < 8_000, "stopped mid-backfill");
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    h.assert_exactly_once();
+}
