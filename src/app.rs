@@ -209,6 +209,10 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<u8, AppError> {
     let (reopen_tx, reopen_rx) = watch::channel(0u64);
     spawn_signal_handler(stop.clone(), Some(reopen_tx));
     let (_drain_tx, drain_rx) = watch::channel(None);
+    crate::metrics::init_series(
+        p.cfg.enabled_streams().map(|s| s.name.as_str()),
+        p.cfg.sinks.iter().map(|s| s.name.as_str()),
+    );
     let health = crate::health::Health::get();
     for s in p.cfg.enabled_streams() {
         health.register_stream(&s.name, s.interval);

@@ -155,6 +155,29 @@ impl Metrics {
     }
 }
 
+/// Create every per-stream and per-sink series at zero, so dashboards and
+/// `rate()` see them before the first event.
+pub fn init_series<'a>(streams: impl Iterator<Item = &'a str>, sinks: impl Iterator<Item = &'a str>) {
+    let m = get();
+    for s in streams {
+        let l = stream(s);
+        for f in
+            [&m.records_fetched, &m.records_duplicate, &m.records_stored, &m.polls, &m.poll_errors, &m.truncated_days]
+        {
+            f.get_or_create(&l);
+        }
+    }
+    for s in sinks {
+        let l = sink(s);
+        for f in [&m.records_delivered, &m.dead_letters] {
+            f.get_or_create(&l);
+        }
+        for kind in ["retryable", "rejected"] {
+            m.sink_errors.get_or_create(&SinkErrorLabels { sink: s.to_string(), kind: kind.into() });
+        }
+    }
+}
+
 /// The process's metrics.
 pub fn get() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();

@@ -88,6 +88,22 @@ async fn ops_endpoints_report_health_readiness_and_metrics() {
     assert_eq!(sample(&text, "opsera_shipper_records_stored_total{stream=\"user_activity\"}"), Some(500.0));
     assert_eq!(sample(&text, "opsera_shipper_records_stored_total{stream=\"token_activity\"}"), Some(50.0));
     assert!(!text.contains(h.sim.token()), "no secret in metrics");
+    // Every metric the Grafana dashboard queries is exported.
+    let dash =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/grafana/opsera-shipper.json")).unwrap();
+    let mut queried = 0;
+    for (i, _) in dash.match_indices("opsera_shipper_") {
+        let name: String = dash[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let name = name.strip_suffix("_bucket").unwrap_or(&name);
+        // A family with no samples yet still has its TYPE line (counters without `_total`).
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            text.contains(&format!("\n{name}")) || text.contains(&format!("# TYPE {family} ")),
+            "the dashboard queries {name}, which /metrics does not export"
+        );
+        queried += 1;
+    }
+    assert!(queried >= 10);
     // The probe command agrees, from the config or a URL.
     let o = h.run(&["health", "--config", cfg.to_str().unwrap()]).await;
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
