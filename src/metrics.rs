@@ -164,16 +164,16 @@ pub fn init_series<'a>(streams: impl Iterator<Item = &'a str>, sinks: impl Itera
         for f in
             [&m.records_fetched, &m.records_duplicate, &m.records_stored, &m.polls, &m.poll_errors, &m.truncated_days]
         {
-            f.get_or_create(&l);
+            let _ = f.get_or_create(&l);
         }
     }
     for s in sinks {
         let l = sink(s);
         for f in [&m.records_delivered, &m.dead_letters] {
-            f.get_or_create(&l);
+            let _ = f.get_or_create(&l);
         }
         for kind in ["retryable", "rejected"] {
-            m.sink_errors.get_or_create(&SinkErrorLabels { sink: s.to_string(), kind: kind.into() });
+            let _ = m.sink_errors.get_or_create(&SinkErrorLabels { sink: s.to_string(), kind: kind.into() });
         }
     }
 }
