@@ -32,6 +32,8 @@ struct StreamState {
 pub struct Health {
     loops: Mutex<BTreeMap<String, LoopState>>,
     streams: Mutex<BTreeMap<String, StreamState>>,
+    /// Sinks whose receiver refuses their credentials, with the reply.
+    refused_sinks: Mutex<BTreeMap<String, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -82,6 +84,16 @@ impl Health {
         }
     }
 
+    /// A sink's receiver refused its credentials (401/403).
+    pub fn sink_credentials_refused(&self, sink: &str, reason: &str) {
+        lock(&self.refused_sinks).insert(sink.to_string(), reason.to_string());
+    }
+
+    /// A sink delivered: whatever was refused before is accepted now.
+    pub fn sink_ok(&self, sink: &str) {
+        lock(&self.refused_sinks).remove(sink);
+    }
+
     /// `Ok` while alive, else what is wrong.
     pub fn alive(&self) -> Result<(), Vec<String>> {
         let now = Instant::now();
@@ -122,9 +134,34 @@ impl Health {
                 reasons.push(format!("{name}: {why}"));
             }
         }
+        for (sink, reason) in lock(&self.refused_sinks).iter() {
+            reasons.push(format!("sink {sink}: credentials refused: {reason}"));
+        }
         if let Err(mut dead) = self.alive() {
             reasons.append(&mut dead);
         }
         if reasons.is_empty() { Ok(()) } else { Err(reasons) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_what_is_wrong() {
+        let h = Health::default();
+        h.register_stream("user_activity", Duration::from_secs(60));
+        assert!(h.ready().unwrap_err()[0].contains("first poll not completed"));
+        h.poll_failed("user_activity", "HTTP 401", true);
+        assert!(h.ready().unwrap_err()[0].contains("token rejected"));
+        h.poll_ok("user_activity");
+        assert_eq!(h.ready(), Ok(()));
+        h.sink_credentials_refused("hook", "HTTP 403");
+        assert!(h.ready().unwrap_err()[0].contains("sink hook: credentials refused"));
+        h.sink_ok("hook");
+        assert_eq!(h.ready(), Ok(()));
+        h.exited("sink hook");
+        assert!(h.alive().is_err() && h.ready().is_err());
     }
 }

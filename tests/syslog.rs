@@ -383,11 +383,6 @@ async fn syslog_config_errors_name_the_key() {
         ),
     ];
     for (text, key) in cases {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(&p, &text).unwrap();
-        let o = run_bin(&["check-config", "--config", p.to_str().unwrap()], &[]).await;
-        assert_eq!(o.status.code(), Some(78), "{key}: {}", stderr(&o));
-        assert!(stderr(&o).contains(key), "{key}: {}", stderr(&o));
+        assert_config_error(&text, key).await;
     }
 }

@@ -137,10 +137,13 @@ impl WebhookSink {
         let what = format!("{} answered HTTP {code}: {}", self.cfg.url, snippet(body));
         match code {
             408 | 429 | 500..=599 => SinkError::Retryable { reason: what, retry_after },
-            401 | 403 => SinkError::retry(format!(
-                "{what}; the receiver refused sinks.{}.auth credentials (secret files are re-read on every request)",
-                self.name
-            )),
+            401 | 403 => {
+                crate::health::Health::get().sink_credentials_refused(&self.name, &what);
+                SinkError::retry(format!(
+                    "{what}; the receiver refused sinks.{}.auth credentials (secret files are re-read on every request)",
+                    self.name
+                ))
+            }
             300..=399 | 404 | 405 | 407 | 410 | 411 | 414 | 415 | 421 | 426 => {
                 SinkError::retry(format!("{what}; check sinks.{}.url and the receiver's setup", self.name))
             }
@@ -168,6 +171,7 @@ impl Sink for WebhookSink {
         // Read (a bounded part of) the reply, to name the problem and find HEC's bad event.
         let body = read_some(resp, 64 * 1024).await;
         if status.is_success() {
+            crate::health::Health::get().sink_ok(&self.name);
             return Ok(None);
         }
         Err(self.classify(status, retry_after, &body))

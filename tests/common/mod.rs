@@ -149,3 +149,13 @@ pub async fn status_json(h: &Harness, cfg: &Path) -> serde_json::Value {
 pub fn watermark(status: &serde_json::Value, stream: &str) -> Option<String> {
     status["streams"].as_array()?.iter().find(|s| s["name"] == stream)?.get("watermark")?.as_str().map(String::from)
 }
+
+/// Assert that `check-config` exits 78 on config `text` with a message naming `key`.
+pub async fn assert_config_error(text: &str, key: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(&p, text).unwrap();
+    let o = run_bin(&["check-config", "--config", p.to_str().unwrap()], &[]).await;
+    assert_eq!(o.status.code(), Some(78), "{key}: {}", stderr(&o));
+    assert!(stderr(&o).contains(key), "{key}: {}", stderr(&o));
+}
