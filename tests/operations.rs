@@ -53,7 +53,7 @@ async fn ops_endpoints_report_health_readiness_and_metrics() {
         h.config(&format!("[server]\nlisten = \"127.0.0.1:{port}\"\n[streams.user_activity]\ninterval = \"1s\"\n"));
     let daemon = spawn_run(&cfg, &[]);
     let base = format!("http://127.0.0.1:{port}");
-    wait_until("the file sink delivered", || h.lines().len() >= 550).await;
+    wait_until("the file sink delivered", || h.lines_so_far().len() >= 550).await;
     let mut ready = (0, String::new());
     for _ in 0..100 {
         ready = get(&format!("{base}/readyz")).await;
@@ -172,13 +172,13 @@ async fn sighup_after_rotation_writes_a_new_file_and_loses_nothing() {
     let h = Harness::new(opts(300, 0)).await;
     let cfg = h.config("[streams.user_activity]\ninterval = \"1s\"\n[streams.token_activity]\nenabled = false\n");
     let daemon = spawn_run(&cfg, &[]);
-    wait_until("the backlog is delivered", || h.lines().len() >= 300).await;
+    wait_until("the backlog is delivered", || h.lines_so_far().len() >= 300).await;
     let rotated = h.path("out/audit.jsonl.1");
     std::fs::rename(h.out(), &rotated).unwrap(); // logrotate's move, then `create` + SIGHUP
     signal(&daemon, libc::SIGHUP);
     let fresh = h.sim.add_user_at(40, h.sim.now() - 3 * MINUTE);
     wait_until("new records land in a new file at the configured path", || {
-        let ids: Vec<String> = h.lines().iter().map(|l| id_of(l)).collect();
+        let ids: Vec<String> = h.lines_so_far().iter().map(|l| id_of(l)).collect();
         fresh.iter().all(|f| ids.contains(f))
     })
     .await;
@@ -201,13 +201,13 @@ async fn a_rotated_token_file_is_picked_up_without_restart() {
         .replace(&format!("token = {:?}", h.sim.token()), &format!("token_file = {:?}", tf.display().to_string()));
     std::fs::write(&cfg, text).unwrap();
     let daemon = spawn_run(&cfg, &[]);
-    wait_until("the backlog is delivered", || h.lines().len() >= 100).await;
+    wait_until("the backlog is delivered", || h.lines_so_far().len() >= 100).await;
     // Rotate: the API now accepts only the new token, and the file holds it.
     h.sim.set_token("rotated-token-2");
     std::fs::write(&tf, "rotated-token-2\n").unwrap();
     let fresh = h.sim.add_user_at(20, h.sim.now() - 3 * MINUTE);
     wait_until("records fetched with the rotated token", || {
-        let ids: Vec<String> = h.lines().iter().map(|l| id_of(l)).collect();
+        let ids: Vec<String> = h.lines_so_far().iter().map(|l| id_of(l)).collect();
         fresh.iter().all(|f| ids.contains(f))
     })
     .await;
@@ -221,7 +221,7 @@ async fn sigterm_during_a_busy_backfill_exits_0_and_a_restart_neither_loses_nor_
     let h = Harness::new(SimOptions { latency: Duration::from_millis(20), ..opts(8_000, 0) }).await;
     let cfg = h.config("[streams.user_activity]\npage_size = 200\n[streams.token_activity]\nenabled = false\n");
     let daemon = spawn_run(&cfg, &[]);
-    wait_until("the backfill is under way", || h.lines().len() >= 400).await;
+    wait_until("the backfill is under way", || h.lines_so_far().len() >= 400).await;
     signal(&daemon, libc::SIGTERM);
     assert_eq!(exit_code(daemon).await, Some(0));
     assert!(h.lines().len() < 8_000, "stopped mid-backfill");

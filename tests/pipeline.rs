@@ -227,7 +227,7 @@ async fn killed_daemon_resumes_from_its_checkpoint() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    wait_until("the backlog is delivered", || h.lines().len() >= 2_200).await;
+    wait_until("the backlog is delivered", || h.lines_so_far().len() >= 2_200).await;
     child.kill().await.unwrap(); // SIGKILL
     let fresh = h.sim.add_user_at(30, h.sim.now() - 3 * MINUTE);
     let mut child = tokio::process::Command::new(BIN)
@@ -238,7 +238,7 @@ async fn killed_daemon_resumes_from_its_checkpoint() {
         .spawn()
         .unwrap();
     wait_until("new records are delivered after the restart", || {
-        let ids: Vec<String> = h.lines().iter().map(|l| id_of(l)).collect();
+        let ids: Vec<String> = h.lines_so_far().iter().map(|l| id_of(l)).collect();
         fresh.iter().all(|f| ids.contains(f))
     })
     .await;

@@ -46,7 +46,7 @@ async fn a_second_instance_refuses_to_start_and_status_still_works() {
     let cfg = h.config("[streams.user_activity]\ninterval = \"1s\"\n");
     let c = cfg.to_str().unwrap();
     let daemon = spawn_run(&cfg, None);
-    wait_until("the daemon delivered", || h.lines().len() >= 330).await;
+    wait_until("the daemon delivered", || h.lines_so_far().len() >= 330).await;
     let o = h.run(&["once", "--config", c]).await;
     assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
     let err = stderr(&o);
@@ -146,7 +146,7 @@ async fn full_disks_are_retried_and_nothing_is_lost() {
     let stuck = h.lines().len();
     assert!(stuck < 3_300, "the disk filled before the backlog was written");
     out_fs.grow("16m");
-    wait_until("the file sink resumed and caught up", || h.lines().len() >= 3_300).await;
+    wait_until("the file sink resumed and caught up", || h.lines_so_far().len() >= 3_300).await;
     assert_eq!(sigterm(daemon).await, Some(0));
     h.assert_exactly_once();
     integrity_ok(&h.path("state.db"));
@@ -173,7 +173,7 @@ async fn full_disks_are_retried_and_nothing_is_lost() {
     })
     .await;
     state_fs.grow("64m");
-    wait_until("everything was delivered after space was freed", || h.lines().len() >= 1_500).await;
+    wait_until("everything was delivered after space was freed", || h.lines_so_far().len() >= 1_500).await;
     assert_eq!(sigterm(daemon).await, Some(0));
     h.assert_exactly_once();
     integrity_ok(&h.path("state/state.db"));

@@ -231,10 +231,10 @@ async fn receiver_outage_holds_back_only_its_sink_and_loses_nothing() {
     wait_until("the receiver answered 503 four times", || r.st().script.is_empty()).await;
     // ...then goes away entirely, while the file sink keeps delivering...
     r.stop().await;
-    wait_until("the file sink delivered the backlog", || h.lines().len() >= 660).await;
+    wait_until("the file sink delivered the backlog", || h.lines_so_far().len() >= 660).await;
     let more = h.sim.add_user_at(25, h.sim.now() - 3 * MINUTE);
     wait_until("the file sink delivered new records", || {
-        let ids: Vec<String> = h.lines().iter().map(|l| id_of(l)).collect();
+        let ids: Vec<String> = h.lines_so_far().iter().map(|l| id_of(l)).collect();
         more.iter().all(|m| ids.contains(m))
     })
     .await;

@@ -66,6 +66,13 @@ impl Harness {
         read_lines(&self.out())
     }
 
+    /// Complete lines written so far, while the daemon may be writing (for waits).
+    pub fn lines_so_far(&self) -> Vec<String> {
+        let t = std::fs::read_to_string(self.out()).unwrap_or_default();
+        let complete = t.rfind('\n').map_or("", |i| &t[..=i]);
+        complete.lines().map(String::from).collect()
+    }
+
     /// Every record the simulator holds, as id → compact JSON text.
     pub fn served(&self) -> HashMap<String, String> {
         self.sim.user_records().into_iter().chain(self.sim.token_records()).collect()

@@ -146,7 +146,10 @@ input(type="imtcp" port="{tcp}" address="127.0.0.1" ruleset="r" supportOctetCoun
     /// Every message written so far, parsed.
     pub fn messages(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-        text.lines()
+        // rsyslog may be writing right now: only whole lines count (those must all be JSON).
+        let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
+        complete
+            .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
                 serde_json::from_str(l).unwrap_or_else(|e| panic!("rsyslog wrote a line that is not JSON ({e}): {l}"))
