@@ -299,10 +299,6 @@ impl Store {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
     /// Records and bytes in the journal now.
     pub fn backlog(&self) -> (u64, u64) {
         (self.inner.journal_records.load(Ordering::Relaxed), self.inner.journal_bytes.load(Ordering::Relaxed))
@@ -854,12 +850,6 @@ impl Store {
             Ok(out)
         })
         .await
-    }
-
-    /// `PRAGMA integrity_check`: "ok" when the database is sound.
-    pub async fn integrity_check(&self) -> Result<String, StoreError> {
-        self.run(|inner, conn| conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| sq(inner, e)))
-            .await
     }
 }
 

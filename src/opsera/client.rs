@@ -139,13 +139,6 @@ impl Client {
         })
     }
 
-    /// Shorten the backoff (tests and the demo).
-    pub fn with_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.min_delay = min;
-        self.max_delay = max;
-        self
-    }
-
     /// The full URL of `path` with `query`, as shown in messages.
     pub fn url(&self, path: &str, query: &[(String, String)]) -> String {
         let mut u = format!("{}{}", self.base_url, path);

@@ -55,11 +55,6 @@ impl SyslogSink {
         Ok(Self { name: name.to_string(), cfg, fmt, tls, conn: None, truncated: 0 })
     }
 
-    /// Messages truncated to `max_message_bytes` so far.
-    pub fn truncated(&self) -> u64 {
-        self.truncated
-    }
-
     async fn connect(&self) -> Result<Conn, String> {
         let addr = &self.cfg.address;
         let t = self.cfg.timeout;
