@@ -187,18 +187,52 @@ fn msgid(stream: &str) -> Cow<'_, str> {
     if clean.is_empty() { Cow::Borrowed("-") } else { Cow::Owned(clean) }
 }
 
-/// The record's key fields that are strings or numbers, in a fixed order.
+/// The record's top-level key fields that are strings, numbers or
+/// booleans, in `KEY_FIELDS` order (numbers keep their original text).
+/// One streaming pass over the record: other fields are skipped without
+/// being built, so a record nested deeper than serde_json's recursion
+/// limit still yields its `_id`; of repeated keys the last one wins.
 fn key_fields(body: &str) -> Vec<(&'static str, String)> {
-    let Ok(map) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(body) else {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+
+    #[derive(serde::Deserialize)]
+    struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+    struct Fields;
+    impl<'de> Visitor<'de> for Fields {
+        type Value = [Option<&'de RawValue>; KEY_FIELDS.len()];
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = [None; KEY_FIELDS.len()];
+            while let Some(Key(k)) = map.next_key()? {
+                match KEY_FIELDS.iter().position(|f| *f == k) {
+                    Some(i) => found[i] = Some(map.next_value()?),
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(found)
+        }
+    }
+
+    let Ok(found) = serde_json::Deserializer::from_str(body).deserialize_map(Fields) else {
         return Vec::new();
     };
     KEY_FIELDS
         .iter()
-        .filter_map(|k| match map.get(*k)? {
-            serde_json::Value::String(s) => Some((*k, s.clone())),
-            serde_json::Value::Number(n) => Some((*k, n.to_string())),
-            serde_json::Value::Bool(b) => Some((*k, b.to_string())),
-            _ => None,
+        .zip(found)
+        .filter_map(|(k, raw)| {
+            let text = raw?.get();
+            let value = match text.as_bytes().first()? {
+                b'"' => serde_json::from_str::<String>(text).ok()?,
+                b't' | b'f' | b'-' | b'0'..=b'9' => text.to_string(),
+                _ => return None,
+            };
+            Some((*k, value))
         })
         .collect()
 }
