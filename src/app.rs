@@ -334,7 +334,7 @@ pub async fn demo(dir: PathBuf, duration: Option<Duration>) -> Result<u8, AppErr
         ..SimOptions::default()
     })
     .await?;
-    sim.start_trickle(Duration::from_secs(2), 3);
+    let _trickle = sim.start_trickle(Duration::from_secs(2), 3);
     sim.set_fail_every(40, 503);
     let out = dir.join("audit.jsonl");
     let env: HashMap<String, String> = [

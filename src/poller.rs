@@ -52,6 +52,33 @@ pub struct PollReport {
     pub watermark: Option<i64>,
 }
 
+/// Records whose `createdAt` lies outside the window they were returned
+/// for are stored (their `_id` is what dedup trusts) but reported: a
+/// future time means the API's clock is ahead of this host's or the data
+/// is wrong; an earlier one, a server that does not honour its bounds.
+fn warn_out_of_window(records: &[Record], from: i64, to: i64, now: i64) {
+    let future = records.iter().filter(|r| r.created > now + 5 * MINUTE).map(|r| r.created).max();
+    if let Some(latest) = future {
+        warn!(
+            latest = %fmt_rfc3339(latest),
+            "The API returned records created in the future (is this host's clock behind the API's?); they are kept, \
+             and the watermark does not pass the polled window."
+        );
+    }
+    let outside = records
+        .iter()
+        .filter(|r| r.created < from - MINUTE || (r.created >= to + MINUTE && r.created <= now + 5 * MINUTE))
+        .count();
+    if outside > 0 {
+        warn!(
+            records = outside,
+            from = %fmt_rfc3339(from),
+            to = %fmt_rfc3339(to),
+            "The API returned records created outside the requested window; they are kept and deduplicated by _id."
+        );
+    }
+}
+
 /// Bounds on the journal; pollers wait while it is over either.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -183,7 +210,7 @@ impl Poller {
                 count = p.count.or(count);
                 let n = p.records.len();
                 let fresh = p.records.iter().filter(|r| ids.insert(hasher.hash_one(&r.id))).count();
-                self.ingest(p.records, &mut report, &mut max_created).await?;
+                self.ingest(p.records, (w.start, w.end + MINUTE), now, &mut report, &mut max_created).await?;
                 received += n as u64;
                 if n == 0 {
                     break;
@@ -250,14 +277,17 @@ impl Poller {
                 self.store.count_truncated_day(&s.name).await?;
                 crate::metrics::get().truncated_days.get_or_create(&crate::metrics::stream(&s.name)).inc();
             }
-            self.ingest(p.records, &mut report, &mut max_created).await?;
+            self.ingest(p.records, (day, day + window::DAY), now, &mut report, &mut max_created).await?;
         }
         self.finish(max_created, window::floor_to(now, MINUTE) - MINUTE, now, report).await
     }
 
+    /// Store one page that answered a query for `[from, to)`.
     async fn ingest(
         &self,
         records: Vec<Record>,
+        (from, to): (i64, i64),
+        now: i64,
         report: &mut PollReport,
         max: &mut Option<i64>,
     ) -> Result<(), PollError> {
@@ -265,8 +295,9 @@ impl Poller {
         if records.is_empty() {
             return Ok(());
         }
+        warn_out_of_window(&records, from, to, now);
         let n = records.len() as u64;
-        let st = self.store.ingest(&self.stream.name, records).await?;
+        let st = self.store.ingest(&self.stream.name, records, (from, to)).await?;
         let m = crate::metrics::get();
         let label = crate::metrics::stream(&self.stream.name);
         m.records_fetched.get_or_create(&label).inc_by(n);
@@ -288,6 +319,11 @@ impl Poller {
         mut report: PollReport,
     ) -> Result<PollReport, PollError> {
         let s = &self.stream;
+        // A record stamped after the window (the API's clock ahead, or bad
+        // data) must not carry the watermark past what was polled. The next
+        // window starts at min(watermark, polled_until) either way; the cap
+        // keeps the reported watermark honest.
+        let max_created = max_created.map(|m| m.min(polled_until.max(0)));
         let (daily, overlap, lookback) = (s.kind.is_daily(), Self::ms(s.overlap), Self::ms(s.initial_lookback));
         let cp = self
             .store

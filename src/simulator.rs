@@ -44,6 +44,15 @@ pub enum Fault {
     BadCreatedAt,
     /// Answer normally after this delay.
     Delay(Duration),
+    /// Answer 200 with a JSON-looking body of this many bytes, streamed
+    /// without a length (a body that never ends, as far as a client knows).
+    Huge(u64),
+    /// Answer 200 and send a valid empty page one byte a second.
+    Slow,
+    /// Accept the request and not answer for an hour.
+    Hang,
+    /// Answer 200 with exactly this body.
+    Raw(String),
 }
 
 /// Start-up settings.
@@ -124,6 +133,8 @@ struct SimState {
     /// Every n-th request fails with this status (demo noise).
     fail_every: Option<(u64, u16)>,
     requests: u64,
+    /// Raw records appended to every first v2 page (a server that ignores its own bounds).
+    extra: Vec<String>,
 }
 
 /// A running simulator; dropping it does not stop it, `shutdown` does.
@@ -133,6 +144,9 @@ pub struct Simulator {
     state: Arc<Mutex<SimState>>,
     cancel: CancellationToken,
     token: String,
+    app: Router,
+    /// Cancels the current listener (see `go_down`).
+    listening: Arc<Mutex<CancellationToken>>,
 }
 
 #[derive(Clone)]
@@ -156,6 +170,7 @@ impl Simulator {
             insert_while_paging: None,
             fail_every: None,
             requests: 0,
+            extra: Vec::new(),
             opts,
         };
         let now = st.now() - st.opts.backlog_age.as_millis() as i64;
@@ -181,11 +196,30 @@ impl Simulator {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
-        let stop = cancel.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
-        });
-        Ok(Simulator { addr, state, cancel, token })
+        let listening = cancel.child_token();
+        serve(listener, app.clone(), listening.clone());
+        Ok(Simulator { addr, state, cancel, token, app, listening: Arc::new(Mutex::new(listening)) })
+    }
+
+    /// Close the listening socket and every open connection: clients get
+    /// "connection refused" until `come_back`.
+    pub fn go_down(&self) {
+        self.listening.lock().unwrap_or_else(|p| p.into_inner()).cancel();
+    }
+
+    /// Listen again on the same address after `go_down`.
+    pub async fn come_back(&self) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.addr).await?;
+        let token = self.cancel.child_token();
+        *self.listening.lock().unwrap_or_else(|p| p.into_inner()) = token.clone();
+        serve(listener, self.app.clone(), token);
+        Ok(())
+    }
+
+    /// Append these raw records to every first page of v2 user activity,
+    /// whatever the query's bounds (empty: stop).
+    pub fn set_extra(&self, records: Vec<String>) {
+        self.st().extra = records;
     }
 
     pub fn base_url(&self) -> String {
@@ -243,6 +277,11 @@ impl Simulator {
         self.st().faults.push_back(f);
     }
 
+    /// Drop every queued fault.
+    pub fn clear_faults(&self) {
+        self.st().faults.clear();
+    }
+
     /// After each v2 page served, add `n` user records created `age_ms` before now.
     pub fn set_insert_while_paging(&self, n: usize, age_ms: i64) {
         self.st().insert_while_paging = (n > 0).then_some((n, age_ms));
@@ -281,16 +320,19 @@ impl Simulator {
         self.st().tokens.iter().map(|r| (r.id.clone(), r.compact())).collect()
     }
 
-    /// Add `per_tick` user records (and a token record every few ticks) every `every`, until shutdown.
-    pub fn start_trickle(&self, every: Duration, per_tick: usize) {
+    /// Add `per_tick` user records (and a token record every few ticks)
+    /// every `every`, until shutdown or until the returned token is cancelled.
+    pub fn start_trickle(&self, every: Duration, per_tick: usize) -> CancellationToken {
         let sim = self.clone();
+        let stop = self.cancel.child_token();
+        let done = stop.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
             let mut n = 0u64;
             loop {
                 tokio::select! {
-                    _ = sim.cancel.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
                 let now = sim.now();
@@ -301,6 +343,7 @@ impl Simulator {
                 n += 1;
             }
         });
+        done
     }
 }
 
@@ -420,6 +463,13 @@ impl SimState {
     }
 }
 
+fn serve(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
+    tokio::spawn(async move {
+        // On `stop` the listener closes and idle connections are closed.
+        let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+    });
+}
+
 fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
@@ -479,6 +529,33 @@ async fn gate(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
         Some(Fault::MissingId) => Err(ok_json(
             r#"{"count":2,"data":[{"_id":"61042540e1d666c9ded178c4","createdAt":"2021-07-30T16:13:52.109Z"},{"createdAt":"2021-07-30T16:13:52.109Z"}]}"#.into(),
         )),
+        Some(Fault::Huge(total)) => {
+            let chunk = axum::body::Bytes::from(vec![b'a'; 64 * 1024]);
+            let head = axum::body::Bytes::from_static(b"{\"count\":1,\"data\":[{\"_id\":\"x\",\"note\":\"");
+            let n = total / chunk.len() as u64;
+            let body = futures_util::stream::iter(
+                std::iter::once(head).chain((0..n).map(move |_| chunk.clone())).map(Ok::<_, std::io::Error>),
+            );
+            Err(([(header::CONTENT_TYPE, "application/json")], axum::body::Body::from_stream(body)).into_response())
+        }
+        Some(Fault::Slow) => {
+            let body = futures_util::stream::unfold(0usize, |i| async move {
+                let text = b"{\"count\":0,\"data\":[]}";
+                if i >= text.len() {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Some((Ok::<_, std::io::Error>(axum::body::Bytes::copy_from_slice(&text[i..=i])), i + 1))
+            });
+            Err(([(header::CONTENT_TYPE, "application/json")], axum::body::Body::from_stream(body)).into_response())
+        }
+        Some(Fault::Hang) => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Err(json_error(StatusCode::GATEWAY_TIMEOUT, "hung"))
+        }
+        Some(Fault::Raw(body)) => Err(ok_json(body)),
         Some(Fault::BadCreatedAt) => Err(ok_json(
             r#"{"count":1,"data":[{"_id":"61042540e1d666c9ded178c5","createdAt":"not a time"}]}"#.into(),
         )),
@@ -565,7 +642,10 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
     let size = st.opts.page_cap.map_or(page_size, |c| c.min(page_size));
     let from = (page - 1).saturating_mul(size).min(matching.len());
     let to = (from + size).min(matching.len());
-    let body = st.render(matching.len(), &matching[from..to]);
+    let mut body = st.render(matching.len(), &matching[from..to]);
+    if page == 1 && !st.extra.is_empty() {
+        body = with_extra(&body, matching.len(), &st.extra);
+    }
     if let Some((n, age)) = st.insert_while_paging {
         let at = st.now() - age;
         for _ in 0..n {
@@ -573,6 +653,14 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
         }
     }
     ok_json(body)
+}
+
+/// `body` (a rendered page) with `extra` raw records added at the end of `data`, and to `count`.
+fn with_extra(body: &str, count: usize, extra: &[String]) -> String {
+    let (Some(close), Some(open)) = (body.rfind(']'), body.find('[')) else { return body.to_string() };
+    let sep = if body[open + 1..close].trim().is_empty() { "" } else { "," };
+    let body = format!("{}{sep}{}{}", &body[..close], extra.join(","), &body[close..]);
+    body.replacen(&format!("{count}"), &format!("{}", count + extra.len()), 1)
 }
 
 fn v1_day(p: &[(String, String)], now: i64) -> Result<(i64, i64), String> {

@@ -376,7 +376,18 @@ impl Store {
     }
 
     /// Store a page: new ids go to `seen` and the journal, in one transaction.
-    pub async fn ingest(&self, stream: &str, records: Vec<Record>) -> Result<IngestStats, StoreError> {
+    ///
+    /// `(from, to)` is the window the page answers. The id of a record
+    /// created before `from` (a server that ignores its bounds) is
+    /// remembered as if created at `to`, and again each time it is served,
+    /// so pruning cannot forget it while the server still returns it, and
+    /// it is never delivered twice.
+    pub async fn ingest(
+        &self,
+        stream: &str,
+        records: Vec<Record>,
+        (from, to): (i64, i64),
+    ) -> Result<IngestStats, StoreError> {
         let stream = stream.to_string();
         let stats = self
             .run(move |inner, conn| {
@@ -392,12 +403,22 @@ impl Store {
                         .map_err(|e| sq(inner, e))?;
                     for r in &records {
                         stats.max_created = Some(stats.max_created.map_or(r.created, |m| m.max(r.created)));
-                        if seen.execute(params![stream, r.id, r.created]).map_err(|e| sq(inner, e))? == 1 {
+                        let early = r.created < from;
+                        let key = if early { to } else { r.created };
+                        if seen.execute(params![stream, r.id, key]).map_err(|e| sq(inner, e))? == 1 {
                             journal.execute(params![stream, r.id, r.created, r.body]).map_err(|e| sq(inner, e))?;
                             stats.new += 1;
                             bytes += r.body.len() as u64;
                         } else {
                             stats.duplicate += 1;
+                            if early {
+                                // Served again out of its window: keep remembering it.
+                                tx.prepare_cached(
+                                    "UPDATE seen SET created = ?3 WHERE stream = ?1 AND id = ?2 AND created < ?3",
+                                )
+                                .and_then(|mut u| u.execute(params![stream, r.id, key]))
+                                .map_err(|e| sq(inner, e))?;
+                            }
                         }
                     }
                 }
@@ -973,10 +994,10 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let s = Store::open(&dir.path().join("s.db")).unwrap();
             s.register_sinks(vec!["a".into()]).await.unwrap();
-            s.ingest("u", vec![rec("1", 1), rec("2", 2)]).await.unwrap();
+            s.ingest("u", vec![rec("1", 1), rec("2", 2)], (0, 0)).await.unwrap();
             s.commit_cursor("a", 2, None, 0).await.unwrap();
             assert_eq!(s.backlog().0, 0);
-            s.ingest("u", vec![rec("3", 3)]).await.unwrap();
+            s.ingest("u", vec![rec("3", 3)], (0, 0)).await.unwrap();
             let b = s.read_batch(2, Arc::from(vec!["u".to_string()]), 10, 1 << 20, 1).await.unwrap();
             assert_eq!(b.rows.len(), 1);
             assert_eq!(b.rows[0].seq, 3);
@@ -996,7 +1017,7 @@ mod tests {
                 let mut order = Vec::new();
                 for page in &pages {
                     let recs: Vec<Record> = page.iter().map(|i| rec(&format!("{i:024x}"), *i as i64)).collect();
-                    let stats = s.ingest("u", recs).await.unwrap();
+                    let stats = s.ingest("u", recs, (0, 0)).await.unwrap();
                     let mut new = 0;
                     for i in page {
                         if model.insert(*i) { order.push(format!("{i:024x}")); new += 1; }

@@ -39,7 +39,7 @@ async fn setup(
     let recs = (0..n)
         .map(|i| Record { id: format!("{i:024x}"), created: i as i64, body: format!("{{\"_id\":\"{i:024x}\"}}") })
         .collect();
-    store.ingest("user_activity", recs).await.unwrap();
+    store.ingest("user_activity", recs, (0, 0)).await.unwrap();
     let batches = Arc::new(Mutex::new(Vec::new()));
     let sink = Recording { batches: batches.clone(), batching };
     let d = Dispatcher::new("t".into(), vec!["user_activity".into()], store, Box::new(sink), 0);

@@ -27,7 +27,8 @@ fn any_json() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(4, 40, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::btree_map(any::<String>(), inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map(any::<String>(), inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -393,7 +394,8 @@ fn deeply_nested_json_is_refused_or_kept_never_a_crash() {
             let e = parse_page(b.as_bytes(), CountMeaning::Total).unwrap_err();
             assert!(!e.is_empty());
         }
-        let rec = format!("{{\"_id\":\"a\",\"createdAt\":\"2024-01-01T00:00:00Z\",\"user_email\":\"e\",\"x\":{nested}}}");
+        let rec =
+            format!("{{\"_id\":\"a\",\"createdAt\":\"2024-01-01T00:00:00Z\",\"user_email\":\"e\",\"x\":{nested}}}");
         let p = parse_page(format!("{{\"count\":1,\"data\":[{rec}]}}").as_bytes(), CountMeaning::Total).unwrap();
         assert_eq!(p.records[0].body, rec);
         let r = JournalRow { seq: 1, stream: "user_activity".into(), id: "a".into(), created: 0, body: rec };

@@ -4,45 +4,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use opsera_shipper::simulator::SimOptions;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn spawn_run(cfg: &Path, env: &[(&str, &str)]) -> tokio::process::Child {
-    tokio::process::Command::new(BIN)
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-fn signal(child: &tokio::process::Child, sig: i32) {
-    unsafe { libc::kill(child.id().unwrap() as i32, sig) };
-}
-
-async fn exit_code(mut child: tokio::process::Child) -> Option<i32> {
-    tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("exits within 30s").unwrap().code()
-}
-
-async fn get(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
-
-/// The value of one sample line in Prometheus text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().split(' ').next()?.parse().ok()))
+    spawn_daemon(cfg, env, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,15 +24,15 @@ async fn ops_endpoints_report_health_readiness_and_metrics() {
     wait_until("the file sink delivered", || h.lines_so_far().len() >= 550).await;
     let mut ready = (0, String::new());
     for _ in 0..100 {
-        ready = get(&format!("{base}/readyz")).await;
+        ready = http_get(&format!("{base}/readyz")).await;
         if ready.0 == 200 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(ready.0, 200, "{}", ready.1);
-    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
-    let (code, text) = get(&format!("{base}/metrics")).await;
+    assert_eq!(http_get(&format!("{base}/healthz")).await.0, 200);
+    let (code, text) = http_get(&format!("{base}/metrics")).await;
     assert_eq!(code, 200);
     assert!(text.ends_with("# EOF\n"), "OpenMetrics exposition");
     for family in [
@@ -123,7 +91,7 @@ async fn readiness_says_token_rejected() {
     let base = format!("http://127.0.0.1:{port}");
     let mut r = (0, String::new());
     for _ in 0..100 {
-        r = get(&format!("{base}/readyz")).await;
+        r = http_get(&format!("{base}/readyz")).await;
         if r.1.contains("token rejected") {
             break;
         }
@@ -131,7 +99,7 @@ async fn readiness_says_token_rejected() {
     }
     assert_eq!(r.0, 503);
     assert!(r.1.contains("token rejected"), "{}", r.1);
-    assert_eq!(get(&format!("{base}/healthz")).await.0, 200, "alive, though not ready");
+    assert_eq!(http_get(&format!("{base}/healthz")).await.0, 200, "alive, though not ready");
     assert_eq!(h.run(&["health", "--url", &base]).await.status.code(), Some(1));
     signal(&daemon, libc::SIGTERM);
     assert_eq!(exit_code(daemon).await, Some(0));

@@ -4,40 +4,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use opsera_shipper::simulator::SimOptions;
 
 fn spawn_run(cfg: &Path, stderr_to: Option<&Path>) -> tokio::process::Child {
-    spawn_run_env(cfg, stderr_to, &[])
-}
-
-fn spawn_run_env(cfg: &Path, stderr_to: Option<&Path>, env: &[(&str, &str)]) -> tokio::process::Child {
-    let err = match stderr_to {
-        Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
-        None => Stdio::null(),
-    };
-    tokio::process::Command::new(BIN)
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stderr(err)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-async fn sigterm(mut child: tokio::process::Child) -> Option<i32> {
-    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
-    tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("exit within 30s").unwrap().code()
-}
-
-fn integrity_ok(db: &Path) {
-    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    let r: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
-    assert_eq!(r, "ok", "state database integrity");
+    spawn_daemon(cfg, &[], stderr_to)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,7 +56,7 @@ async fn kill_9_at_random_points_loses_nothing_and_duplicates_nothing() {
         // kills also land between a file write and its cursor commit.
         let env: &[(&str, &str)] =
             if i % 2 == 1 { &[("OPSERA_SHIPPER_TEST_DELAY_AFTER_DELIVERY_MS", "150")] } else { &[] };
-        let mut child = spawn_run_env(&cfg, None, env);
+        let mut child = spawn_daemon(&cfg, env, None);
         tokio::time::sleep(Duration::from_millis(80 + next() % 600)).await;
         child.start_kill().unwrap(); // SIGKILL
         let _ = child.wait().await;

@@ -166,3 +166,66 @@ pub async fn assert_config_error(text: &str, key: &str) {
     assert_eq!(o.status.code(), Some(78), "{key}: {}", stderr(&o));
     assert!(stderr(&o).contains(key), "{key}: {}", stderr(&o));
 }
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Start `opsera-shipper run` on `cfg` with `env`, its stderr to `stderr_to` (or discarded).
+pub fn spawn_daemon(cfg: &Path, env: &[(&str, &str)], stderr_to: Option<&Path>) -> tokio::process::Child {
+    let err = match stderr_to {
+        Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+        None => Stdio::null(),
+    };
+    tokio::process::Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+pub fn signal(child: &tokio::process::Child, sig: i32) {
+    unsafe { libc::kill(child.id().unwrap() as i32, sig) };
+}
+
+pub async fn exit_code(mut child: tokio::process::Child) -> Option<i32> {
+    tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("exits within 30s").unwrap().code()
+}
+
+/// SIGTERM the daemon and return its exit code.
+pub async fn sigterm(child: tokio::process::Child) -> Option<i32> {
+    signal(&child, libc::SIGTERM);
+    exit_code(child).await
+}
+
+/// GET `url`: (status, body), or (0, "") when it cannot connect.
+pub async fn http_get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// The value of one sample line in Prometheus text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().split(' ').next()?.parse().ok()))
+}
+
+/// A `/proc/<pid>/status` field in kB (VmRSS, VmHWM).
+pub fn proc_kb(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `PRAGMA integrity_check` of a state database is "ok".
+pub fn integrity_ok(db: &Path) {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let r: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(r, "ok", "state database integrity");
+}

@@ -1,0 +1,228 @@
+//! A hostile or broken Opsera API, over real HTTP, against the real binary:
+//! endless and slow bodies, a server that hangs and then vanishes, clock
+//! skew, records outside their window, duplicate ids, lying counts.
+//! Each gives a clear message, no panic, no lost and no repeated record.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use opsera_shipper::simulator::{Fault, SimOptions};
+
+const ONE_STREAM: &str = "[streams.token_activity]\nenabled = false\n";
+
+fn no_panic(log: &str) {
+    assert!(!log.contains("panicked"), "the daemon panicked: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_body_stops_at_the_size_cap_without_the_process_growing() {
+    let h = Harness::new(opts(300, 0)).await;
+    h.sim.push_fault(Fault::Huge(1 << 30));
+    let cfg = h.config(&format!("{ONE_STREAM}[streams.user_activity]\ninterval = \"1s\"\n"));
+    // The cap belongs to [api]: rewrite the generated config.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("[api]\n", "[api]\nmax_response_bytes = \"4MiB\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let log = h.path("daemon.log");
+    let daemon = spawn_daemon(&cfg, &[], Some(&log));
+    let pid = daemon.id().unwrap();
+    wait_until("the daemon delivered after the endless body", || h.lines_so_far().len() >= 300).await;
+    let peak_kb = proc_kb(pid, "VmHWM");
+    assert_eq!(sigterm(daemon).await, Some(0));
+    let log = std::fs::read_to_string(&log).unwrap();
+    no_panic(&log);
+    assert!(log.contains("larger than api.max_response_bytes (4194304 bytes)"), "{log}");
+    assert!(log.contains("/api/v2/logs/audit/user"), "the message names the URL: {log}");
+    // A 1 GiB body read whole would need over 1 GiB; the cap bounds it at 4 MiB.
+    assert!(peak_kb > 0 && peak_kb < 100 * 1024, "peak RSS {peak_kb} kB");
+    h.assert_exactly_once();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_a_second_body_times_out_and_is_retried() {
+    let h = Harness::new(opts(200, 0)).await;
+    h.sim.push_fault(Fault::Slow);
+    let cfg = h.config(ONE_STREAM);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("timeout = \"5s\"", "timeout = \"2s\"");
+    std::fs::write(&cfg, text).unwrap();
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    no_panic(&err);
+    assert!(err.contains("timed out") && err.contains("retrying"), "{err}");
+    h.assert_exactly_once();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_then_vanished_api_is_reported_and_the_whole_gap_is_fetched_after() {
+    // The checkpoint is an hour old when the outage starts: records written
+    // since are "the gap".
+    let h = Harness::new(SimOptions { backlog_age: Duration::from_secs(3600), ..opts(200, 0) }).await;
+    let port = free_port();
+    let cfg = h.config(&format!(
+        "{ONE_STREAM}[server]\nlisten = \"127.0.0.1:{port}\"\n[streams.user_activity]\ninterval = \"1s\"\npage_size = 100\n"
+    ));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("timeout = \"5s\"", "timeout = \"1s\"\nmax_retries = 1");
+    std::fs::write(&cfg, text).unwrap();
+    let log = h.path("daemon.log");
+    let daemon = spawn_daemon(&cfg, &[], Some(&log));
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    wait_until("the backlog is delivered", || h.lines_so_far().len() >= 200).await;
+
+    // The API accepts requests and never answers.
+    for _ in 0..10_000 {
+        h.sim.push_fault(Fault::Hang);
+    }
+    let mut ready = (0, String::new());
+    wait_until("/readyz says the API times out", || {
+        ready = futures_block(http_get(&readyz));
+        ready.0 == 503 && ready.1.contains("timed out")
+    })
+    .await;
+    assert!(ready.1.contains("user_activity"), "{}", ready.1);
+    let st = status_json(&h, &cfg).await;
+    let stream = st["streams"].as_array().unwrap().iter().find(|s| s["name"] == "user_activity").unwrap().clone();
+    assert!(stream.to_string().contains("timed out"), "status says why: {stream}");
+
+    // Then it goes away altogether, while records keep being written.
+    h.sim.go_down();
+    h.sim.clear_faults();
+    let now = h.sim.now();
+    let mut gap = Vec::new();
+    for back in (3..40).rev() {
+        gap.extend(h.sim.add_user_at(10, now - back * MINUTE));
+    }
+    wait_until("/readyz says the connection is refused", || {
+        ready = futures_block(http_get(&readyz));
+        ready.0 == 503 && ready.1.contains("onnection refused")
+    })
+    .await;
+    let before = h.sim.requests();
+    h.sim.come_back().await.unwrap();
+    wait_until("the whole gap is delivered", || {
+        let ids: std::collections::HashSet<String> = h.lines_so_far().iter().map(|l| id_of(l)).collect();
+        gap.iter().all(|g| ids.contains(g))
+    })
+    .await;
+    // 370 records at 100 a page: the gap costs one window of a few pages, not a request per missed poll.
+    let spent = h.sim.requests() - before;
+    assert!(spent <= 12, "catching up took {spent} requests");
+    wait_until("/readyz is ready again", || futures_block(http_get(&readyz)).0 == 200).await;
+    assert_eq!(sigterm(daemon).await, Some(0));
+    no_panic(&std::fs::read_to_string(&log).unwrap());
+    h.assert_exactly_once();
+    integrity_ok(&h.path("state.db"));
+}
+
+/// Run a future to completion from a synchronous closure (the wait_until predicate).
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_clock_ahead_of_the_api_leaves_no_gap_and_no_runaway_refetch() {
+    // The API's clock is 10 minutes behind this host's: every window the
+    // host asks for ends in the API's future, and records keep arriving
+    // "before" the last window's end. The watermark, not the window's end,
+    // anchors the next poll, so none is missed.
+    let h = Harness::new(SimOptions { skew_ms: -10 * MINUTE, ..opts(100, 0) }).await;
+    let cfg = h.config(&format!("{ONE_STREAM}[streams.user_activity]\ninterval = \"1s\"\n"));
+    let log = h.path("daemon.log");
+    let daemon = spawn_daemon(&cfg, &[], Some(&log));
+    wait_until("the backlog is delivered", || h.lines_so_far().len() >= 100).await;
+    let started = std::time::Instant::now();
+    let before = h.sim.requests();
+    let trickle = h.sim.start_trickle(Duration::from_millis(300), 2);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    trickle.cancel();
+    // The token stream is off: only user records are expected.
+    let served: std::collections::HashMap<String, String> = h.sim.user_records().into_iter().collect();
+    assert!(served.len() > 140, "the trickle added records");
+    wait_until("every trickled record is delivered", || h.lines_so_far().len() >= served.len()).await;
+    let polls = started.elapsed().as_secs() + 2;
+    let spent = h.sim.requests() - before;
+    assert!(spent <= 2 * polls, "{spent} requests in about {polls} one-second polls");
+    assert_eq!(sigterm(daemon).await, Some(0));
+    no_panic(&std::fs::read_to_string(&log).unwrap());
+    assert_exactly_once(&h.lines(), &served);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_outside_their_window_are_kept_once_and_do_not_move_the_watermark_into_the_future() {
+    let h = Harness::new(opts(50, 0)).await;
+    // A server that ignores its bounds returns, on every first page, a
+    // record from the far past and one from the API's future.
+    let now = h.sim.now();
+    let past =
+        r#"{"_id":"aaaaaaaaaaaaaaaaaaaaaaaa","createdAt":"2001-02-03T04:05:06.789Z","type":"pipeline","action":"run"}"#;
+    let future = format!(
+        r#"{{"_id":"ffffffffffffffffffffffff","createdAt":"{}","type":"pipeline","action":"run"}}"#,
+        opsera_shipper::window::fmt_rfc3339(now + 2 * 86_400_000)
+    );
+    h.sim.set_extra(vec![past.to_string(), future.clone()]);
+    let cfg = h.config(&format!("{ONE_STREAM}[streams.user_activity]\ninterval = \"1s\"\noverlap = \"1m\"\n"));
+    let log = h.path("daemon.log");
+    let daemon = spawn_daemon(&cfg, &[], Some(&log));
+    wait_until("the backlog is delivered", || h.lines_so_far().len() >= 52).await;
+    // Later windows start an hour past the first, so pruning has run over the
+    // far-past record's window many times while the server kept serving it.
+    let polls_before = h.sim.requests();
+    wait_until("several more polls", || h.sim.requests() >= polls_before + 5).await;
+    assert_eq!(sigterm(daemon).await, Some(0));
+    let log = std::fs::read_to_string(&log).unwrap();
+    no_panic(&log);
+    assert!(log.contains("created in the future"), "{log}");
+    assert!(log.contains("outside the requested window"), "{log}");
+    let mut served = h.served();
+    served.insert("aaaaaaaaaaaaaaaaaaaaaaaa".into(), past.to_string());
+    served.insert("ffffffffffffffffffffffff".into(), future);
+    assert_exactly_once(&h.lines(), &served);
+    let wm = watermark(&status_json(&h, &cfg).await, "user_activity").unwrap();
+    let wm = opsera_shipper::window::parse_timestamp(&wm).unwrap();
+    assert!(wm <= h.sim.now(), "the watermark went into the future");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_ids_in_a_page_wrong_types_and_lying_counts() {
+    let h = Harness::new(opts(120, 0)).await;
+    let rec = |id: &str| format!(r#"{{"_id":"{id}","createdAt":"2026-01-01T00:00:00.000Z","action":"x"}}"#);
+    // Rejected whole, with a reason and the URL; the next poll retries the span.
+    for (body, why) in [
+        (
+            r#"{"count":1,"data":[{"_id":{"$oid":"61042540e1d666c9ded178c4"},"createdAt":"2026-01-01T00:00:00Z"}]}"#
+                .to_string(),
+            "\"_id\" is missing or not a string",
+        ),
+        (
+            format!(
+                r#"{{"count":1,"data":[{},{}]}}"#,
+                rec("bbbbbbbbbbbbbbbbbbbbbbb1"),
+                rec("bbbbbbbbbbbbbbbbbbbbbbb2")
+            ),
+            "cannot be smaller",
+        ),
+        (r#"{"count":"12","data":[]}"#.to_string(), "not a non-negative integer"),
+    ] {
+        h.sim.push_fault(Fault::Raw(body));
+        let cfg = h.config(ONE_STREAM);
+        let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(75), "{err}");
+        no_panic(&err);
+        assert!(err.contains(why) && err.contains("/api/v2/logs/audit/user"), "{why}: {err}");
+        assert!(h.lines().is_empty(), "nothing from a rejected page");
+    }
+    // The same record twice in one page, and a count larger than the truth:
+    // stored once, the window re-paged once, then accepted with a warning.
+    let dup = rec("cccccccccccccccccccccccc");
+    h.sim.push_fault(Fault::Raw(format!(r#"{{"count":999,"data":[{dup},{dup}]}}"#)));
+    let cfg = h.config(ONE_STREAM);
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("paging the window again"), "{err}");
+    let mut served = h.served();
+    served.insert("cccccccccccccccccccccccc".into(), dup);
+    assert_exactly_once(&h.lines(), &served);
+}
