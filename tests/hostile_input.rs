@@ -278,10 +278,10 @@ proptest! {
         prop_assert_eq!(sd.get("_id").map(String::as_str), v["_id"].as_str());
         prop_assert_eq!(sd.get("stream").map(String::as_str), Some("user_activity"));
         for (k, got) in &sd {
-            if let Some(Value::String(want)) = v.get(k) {
-                if want.len() <= 1024 {
-                    prop_assert_eq!(got, want);
-                }
+            if let Some(Value::String(want)) = v.get(k)
+                && want.len() <= 1024
+            {
+                prop_assert_eq!(got, want);
             }
         }
         if !m.truncated {
@@ -329,10 +329,10 @@ proptest! {
         prop_assert_eq!(ext.get("externalId").map(String::as_str), v["_id"].as_str());
         prop_assert_eq!(ext.get("cs6").map(String::as_str), Some("user_activity"));
         for (field, key) in [("user_email", "suser"), ("action", "act"), ("target", "request")] {
-            if let Some(Value::String(want)) = v.get(field) {
-                if want.len() <= 1024 {
-                    prop_assert_eq!(ext.get(key), Some(want), "{} as {}", field, key);
-                }
+            if let Some(Value::String(want)) = v.get(field)
+                && want.len() <= 1024
+            {
+                prop_assert_eq!(ext.get(key), Some(want), "{} as {}", field, key);
             }
         }
         prop_assert_eq!(parse_json(ext.get("msg").expect("msg")), v);
