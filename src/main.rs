@@ -43,6 +43,9 @@ fn run(cli: Cli) -> Result<u8, AppError> {
     }
     let cfg = config::load(&cli.config, &LoadOptions { require_token, env: None })?;
     init_logging(&cfg.log.level, cfg.log.format);
+    for w in cfg.security_warnings() {
+        tracing::warn!("{w}");
+    }
     match cli.command {
         Command::CheckConfig => {
             print!("{}", cfg.render_masked());

@@ -736,6 +736,99 @@ impl Config {
     }
 
     /// The effective config as TOML-like text with secrets masked, for `check-config`.
+    /// Every file this config reads a secret from, with the key naming it.
+    pub fn secret_files(&self) -> Vec<(String, PathBuf)> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.api.token_file {
+            out.push(("api.token_file".to_string(), p.clone()));
+        }
+        for s in &self.sinks {
+            let key = |k: &str| format!("sinks.{}.{k}", s.name);
+            match &s.kind {
+                SinkKind::Webhook(w) => {
+                    let auth = match &w.auth {
+                        WebhookAuth::Bearer(x) => Some(("auth.bearer_token_file", x)),
+                        WebhookAuth::Basic { password, .. } => Some(("auth.basic_password_file", password)),
+                        WebhookAuth::Splunk(x) => Some(("auth.splunk_token_file", x)),
+                        WebhookAuth::None => None,
+                    };
+                    let signing = w.signing.as_ref().map(|g| ("signing.secret_file", &g.secret));
+                    for (k, src) in auth.into_iter().chain(signing) {
+                        if let Some(p) = &src.file {
+                            out.push((key(k), p.clone()));
+                        }
+                    }
+                    if let Some(p) = &w.key_file {
+                        out.push((key("tls.key_file"), p.clone()));
+                    }
+                }
+                SinkKind::Syslog(c) => {
+                    if let Some(p) = &c.key_file {
+                        out.push((key("tls.key_file"), p.clone()));
+                    }
+                }
+                SinkKind::File { .. } | SinkKind::Stdout => {}
+            }
+        }
+        out
+    }
+
+    /// Security warnings: a secret file readable by group or others,
+    /// secrets written inline in a config file that anyone can read, and
+    /// plain http to a non-loopback host (allowed only by an explicit
+    /// `allow_insecure_http`; TLS verification itself cannot be turned off).
+    pub fn security_warnings(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).ok().map(|m| m.permissions().mode() & 0o777);
+        let mut out = Vec::new();
+        for (key, p) in self.secret_files() {
+            if let Some(m) = mode(&p).filter(|m| m & 0o044 != 0) {
+                out.push(format!(
+                    "{key}: {} is readable by {} (mode {m:04o}); make it 0600 or 0400 (chmod go-rwx)",
+                    p.display(),
+                    if m & 0o004 != 0 { "every user" } else { "its group" }
+                ));
+            }
+        }
+        let inline = self.api.token_source == "api.token"
+            || self.sinks.iter().any(|s| match &s.kind {
+                SinkKind::Webhook(w) => {
+                    let auth = match &w.auth {
+                        WebhookAuth::Bearer(x) | WebhookAuth::Splunk(x) | WebhookAuth::Basic { password: x, .. } => {
+                            Some(x)
+                        }
+                        WebhookAuth::None => None,
+                    };
+                    auth.into_iter().chain(w.signing.as_ref().map(|g| &g.secret)).any(|x| x.file.is_none())
+                }
+                _ => false,
+            });
+        if inline && let Some(m) = mode(&self.source).filter(|m| m & 0o004 != 0) {
+            out.push(format!(
+                "{} holds secrets inline and is readable by every user (mode {m:04o}); chmod o-rwx it, or move \
+                 the secrets to files (api.token_file, *_file keys)",
+                self.source.display()
+            ));
+        }
+        let urls = std::iter::once(("api.base_url".to_string(), self.api.base_url.as_str())).chain(
+            self.sinks.iter().filter_map(|s| match &s.kind {
+                SinkKind::Webhook(w) => Some((format!("sinks.{}.url", s.name), w.url.as_str())),
+                _ => None,
+            }),
+        );
+        for (key, url) in urls {
+            if let Ok(u) = reqwest::Url::parse(url)
+                && u.scheme() == "http"
+                && !is_loopback_host(&u)
+            {
+                out.push(format!(
+                    "{key}: '{url}' is plain http (allow_insecure_http = true): the token and the records cross the network unencrypted"
+                ));
+            }
+        }
+        out
+    }
+
     pub fn render_masked(&self) -> String {
         use std::fmt::Write;
         let mut o = String::new();
@@ -896,6 +989,19 @@ mod tests {
         type = "file"
         path = "/tmp/out.jsonl"
     "#;
+
+    #[test]
+    fn plain_http_off_loopback_is_allowed_only_explicitly_and_then_warned() {
+        let remote = MINIMAL.replace("http://127.0.0.1:8080", "http://opsera.internal:8080");
+        let e = load_str(&remote, Path::new("c.toml"), &opts(&[])).unwrap_err().to_string();
+        assert!(e.contains("api.base_url") && e.contains("allow_insecure_http"), "{e}");
+        let allowed = remote.replace("[api]", "[api]\nallow_insecure_http = true");
+        let c = load_str(&allowed, Path::new("c.toml"), &opts(&[])).unwrap();
+        let w = c.security_warnings();
+        assert!(w.iter().any(|w| w.starts_with("api.base_url:") && w.contains("plain http")), "{w:?}");
+        let c = load_str(MINIMAL, Path::new("c.toml"), &opts(&[])).unwrap();
+        assert!(c.security_warnings().is_empty(), "loopback http is fine");
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

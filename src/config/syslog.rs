@@ -83,6 +83,8 @@ pub struct SyslogConfig {
     pub ca_pem: Option<Vec<u8>>,
     pub cert_pem: Option<Vec<u8>>,
     pub key_pem: Option<Vec<u8>>,
+    /// Where `key_pem` came from (checked for loose permissions).
+    pub key_file: Option<PathBuf>,
     pub server_name: String,
 }
 
@@ -231,7 +233,8 @@ pub(super) fn validate(name: &str, raw: RawSyslogSink, base_dir: &Path) -> Resul
     }
     let ca_pem = read(t.ca_file, "tls.ca_file")?;
     let cert_pem = read(t.cert_file, "tls.cert_file")?;
-    let key_pem = read(t.key_file, "tls.key_file")?;
+    let key_file = t.key_file.map(|p| resolve(base_dir, p));
+    let key_pem = read(key_file.clone(), "tls.key_file")?;
     if cert_pem.is_some() != key_pem.is_some() {
         return Err(format!("{}: cert_file and key_file go together", key("tls")));
     }
@@ -253,6 +256,7 @@ pub(super) fn validate(name: &str, raw: RawSyslogSink, base_dir: &Path) -> Resul
         ca_pem,
         cert_pem,
         key_pem,
+        key_file,
         server_name,
     };
     if transport == Transport::Tls {

@@ -144,6 +144,8 @@ pub struct WebhookConfig {
     /// Client certificate and key, PEM, concatenated.
     pub identity_pem: Option<Vec<u8>>,
     pub tls_files: Vec<PathBuf>,
+    /// The client key's file, when there is one (checked for loose permissions).
+    pub key_file: Option<PathBuf>,
     pub splunk: SplunkMeta,
 }
 
@@ -246,6 +248,7 @@ pub(super) fn validate(
         }
         None => None,
     };
+    let mut key_file = None;
     let identity_pem =
         match (raw.tls.cert_file.map(|p| resolve(base_dir, p)), raw.tls.key_file.map(|p| resolve(base_dir, p))) {
             (None, None) => None,
@@ -255,6 +258,7 @@ pub(super) fn validate(
                 pem.extend(read(&k, "tls.key_file")?);
                 reqwest::Identity::from_pem(&pem)
                     .map_err(|e| format!("{}: the client certificate and key do not load: {e}", key("tls")))?;
+                key_file = Some(k.clone());
                 tls_files.extend([c, k]);
                 Some(pem)
             }
@@ -281,6 +285,7 @@ pub(super) fn validate(
         ca_pem,
         identity_pem,
         tls_files,
+        key_file,
         splunk,
     })
 }
