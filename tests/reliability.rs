@@ -151,3 +151,46 @@ async fn full_disks_are_retried_and_nothing_is_lost() {
     h.assert_exactly_once();
     integrity_ok(&h.path("state/state.db"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_down_while_the_journal_fills_stops_polling_at_the_bound_then_drains() {
+    use common::receiver::{Mode, Receiver};
+    let h = Harness::new(opts(6_000, 0)).await;
+    let r = Receiver::start(Mode::Ndjson).await;
+    r.stop().await;
+    let port = free_port();
+    let cfg = h.config_with(&format!(
+        "max_buffered_records = 500\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
+         [streams.token_activity]\nenabled = false\n[streams.user_activity]\ninterval = \"1s\"\npage_size = 100\n\
+         [sinks.hook]\ntype = \"webhook\"\nurl = {:?}\nbatch_timeout = \"100ms\"\nmax_backoff = \"300ms\"\n",
+        r.url()
+    ));
+    let log = h.path("daemon.log");
+    let daemon = spawn_daemon(&cfg, &[], Some(&log));
+    let pid = daemon.id().unwrap();
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    let journal =
+        || async { sample(&http_get(&metrics).await.1, "opsera_shipper_journal_records ").unwrap_or(0.0) as u64 };
+    wait_until("the journal is at its bound", || {
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(journal())) >= 500
+    })
+    .await;
+    // Held there: no more API requests, no growth of the journal or the process.
+    let (requests, rss) = (h.sim.requests(), proc_kb(pid, "VmRSS"));
+    for _ in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let n = journal().await;
+        assert!((500..=600).contains(&n), "journal holds {n} records; the bound is 500 (+ one page)");
+    }
+    assert_eq!(h.sim.requests(), requests, "pollers kept fetching while the journal was full");
+    let grown = proc_kb(pid, "VmRSS").saturating_sub(rss);
+    assert!(grown < 8 * 1024, "RSS grew {grown} kB while waiting");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("Journal is full"));
+    // The receiver comes back: everything drains, once.
+    r.restart().await;
+    wait_until("the receiver has every record", || r.st().accepted.len() >= 6_000).await;
+    assert_eq!(sigterm(daemon).await, Some(0));
+    let ids: std::collections::HashSet<String> = r.st().accepted.iter().map(|t| id_of(t)).collect();
+    assert_eq!((ids.len(), r.st().accepted.len()), (6_000, 6_000), "every record once");
+    integrity_ok(&h.path("state.db"));
+}

@@ -168,6 +168,50 @@ async fn plain_400_is_narrowed_down_by_splitting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_answering_garbage_is_retried_and_loses_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::new(opts(80, 0)).await;
+    // Not HTTP at all, a malformed status line, and a 200 whose body is noise.
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = garbage.local_addr().unwrap();
+    tokio::spawn(async move {
+        let answers: [&[u8]; 3] = [
+            b"\x00\xffSSH-2.0-not-http\r\n\r\n",
+            b"HTTP/1.1 2OO OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 500 Oops\r\ncontent-length: 9\r\n\r\n\x00\x01{]]]garb",
+        ];
+        for i in 0.. {
+            let Ok((mut s, _)) = garbage.accept().await else { return };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(answers[i % answers.len()]).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    let url = format!("http://{addr}/ingest");
+    let cfg = h.config(&format!(
+        "[sinks.hook]\ntype = \"webhook\"\nurl = {url:?}\nbatch_timeout = \"100ms\"\nmax_backoff = \"200ms\"\n\
+         [streams.token_activity]\nenabled = false\n"
+    ));
+    let o = h.run(&["once", "--timeout", "3s", "--config", cfg.to_str().unwrap()]).await;
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(75), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(&format!("{url}: request failed")) && err.contains("invalid HTTP"), "{err}");
+    assert!(err.contains(&format!("{url} answered HTTP 500")), "{err}");
+    assert!(!err.contains('\x1b'), "no terminal colours in logs that go to a file: {err}");
+    let st = status_json(&h, &cfg).await;
+    let sink = st["sinks"].as_array().unwrap().iter().find(|s| s["name"] == "hook").unwrap().clone();
+    assert_eq!(sink["dead_letters"], 0, "garbage is not a verdict on the records: {sink}");
+    // The same sink at a real receiver: everything arrives, once.
+    let r = Receiver::start(Mode::Ndjson).await;
+    let cfg = h.config(&hook(&r, "[streams.token_activity]\nenabled = false\n"));
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_received_once(&r, &h.served());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured() {
     let h = Harness::new(opts(20, 0)).await;
     let r = Receiver::start(Mode::Ndjson).await;
