@@ -50,7 +50,7 @@ fn record(i: usize, created_ms: i64) -> String {
     let users = ["alice.nguyen@example.com", "bob.okafor@example.com", "carla.rossi@example.com", "support@opsera.io"];
     let actions = [("pipeline", "run"), ("tool", "update"), ("user", "login"), ("task", "create")];
     let (ty, action) = actions[i % actions.len()];
-    let note = if i % 20 == 0 {
+    let note = if i.is_multiple_of(20) {
         "x".repeat(2000)
     } else {
         format!("Pipeline {} step {} finished with status success in {} ms", i % 97, i % 13, i % 9973)
@@ -128,6 +128,7 @@ struct Usage {
     ok: bool,
 }
 
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its CPU time
 fn run_child(cmd: &mut std::process::Command) -> Usage {
     let started = Instant::now();
     let child = cmd.stdin(std::process::Stdio::null()).spawn().expect("spawn");
@@ -230,6 +231,7 @@ fn proc_kb(pid: u32, field: &str) -> u64 {
 }
 
 /// Start `run` with a notify socket; return the child and the time to READY=1.
+#[allow(clippy::zombie_processes)] // the caller stops and waits for it
 fn start_until_ready(cfg: &Path, dir: &Path) -> (std::process::Child, Duration) {
     let sock_path = dir.join("notify.sock");
     let _ = std::fs::remove_file(&sock_path);

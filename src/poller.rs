@@ -7,8 +7,6 @@
 //! dedup makes that harmless. Polls of one stream never overlap: one task
 //! runs them one after another.
 
-use std::collections::HashSet;
-use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -193,57 +191,74 @@ impl Poller {
         base.extend(s.filters.iter().cloned());
         let mut report = PollReport::default();
         let mut max_created: Option<i64> = None;
-        let hasher = RandomState::new();
-        // Page the window; if the unique records received do not match the
-        // server's count (records shifted between pages), page it once more.
+        let page_size = s.page_size as usize;
+        let fetch = |page: u32| {
+            let mut q = base.clone();
+            q.push(("page".into(), page.to_string()));
+            async move { self.client.fetch(s.kind.path(), &q, CountMeaning::Total, cancel).await }
+        };
+        // Page the window, fetching the next page while this one is stored.
+        // Records shifting between pages (one written while paging) change
+        // the server's count, so a count that moved, or a total that differs
+        // from what was received, pages the window once more. No per-record
+        // state is kept, so memory does not grow with the window.
         for pass in 0..2 {
-            let mut ids: HashSet<u64> = HashSet::new();
             let mut received = 0u64;
-            let mut count: Option<u64> = None;
+            let (mut first_count, mut count, mut count_moved) = (None::<u64>, None::<u64>, false);
+            let mut prev_edges: Option<(String, String)> = None;
             let mut page = 1u32;
+            self.wait_for_room(0, cancel).await?;
+            let mut current = fetch(page).await?;
+            report.requests += 1;
             loop {
-                self.wait_for_room(cancel).await?;
-                let mut q = base.clone();
-                q.push(("page".into(), page.to_string()));
-                let p = self.client.fetch(s.kind.path(), &q, CountMeaning::Total, cancel).await?;
-                report.requests += 1;
-                count = p.count.or(count);
-                let n = p.records.len();
-                let fresh = p.records.iter().filter(|r| ids.insert(hasher.hash_one(&r.id))).count();
-                self.ingest(p.records, (w.start, w.end + MINUTE), now, &mut report, &mut max_created).await?;
+                let n = current.records.len();
+                if let Some(c) = current.count {
+                    count_moved |= first_count.is_some_and(|f| f != c);
+                    first_count.get_or_insert(c);
+                    count = Some(c);
+                }
                 received += n as u64;
-                if n == 0 {
-                    break;
+                let edges = match (current.records.first(), current.records.last()) {
+                    (Some(a), Some(b)) => Some((a.id.clone(), b.id.clone())),
+                    _ => None,
+                };
+                let repeated = edges.is_some() && edges == prev_edges;
+                if repeated {
+                    warn!(page, "The server sent the same page twice; stopping here (does it honour `page`?).");
                 }
-                if fresh == 0 {
-                    warn!(
-                        page,
-                        "A page held only records already received in this window; stopping here (does the server honour `page`?)."
-                    );
-                    break;
-                }
-                if n < s.page_size as usize && count.is_none_or(|c| received >= c) {
-                    break;
-                }
-                page += 1;
-                if page > MAX_PAGES {
+                let last =
+                    n == 0 || repeated || (n < page_size && count.is_none_or(|c| received >= c)) || page >= MAX_PAGES;
+                if page >= MAX_PAGES && n > 0 {
                     warn!(pages = MAX_PAGES, "Window has too many pages; the rest is left to the next poll.");
+                }
+                let window = (w.start, w.end + MINUTE);
+                if last {
+                    if !repeated {
+                        self.ingest(current.records, window, now, &mut report, &mut max_created).await?;
+                    }
                     break;
                 }
+                prev_edges = edges;
+                // Room for this page and the next before asking for the next.
+                self.wait_for_room(n as u64, cancel).await?;
+                page += 1;
+                let (stored, next) =
+                    tokio::join!(self.ingest(current.records, window, now, &mut report, &mut max_created), fetch(page));
+                stored?;
+                current = next?;
+                report.requests += 1;
             }
-            match count {
-                Some(c) if c != ids.len() as u64 => {
-                    if pass == 0 {
-                        info!(count = c, unique = ids.len(), "Records moved while paging; paging the window again.");
-                        continue;
-                    }
-                    warn!(
-                        count = c,
-                        unique = ids.len(),
-                        "Unique records received still differ from the server's count; the next poll's overlap picks up what was missed."
-                    );
+            let moved = count_moved || count.is_some_and(|c| c != received);
+            if moved {
+                if pass == 0 {
+                    info!(count = ?count, received, "Records moved while paging; paging the window again.");
+                    continue;
                 }
-                _ => {}
+                warn!(
+                    count = ?count,
+                    received,
+                    "Records received still differ from the server's count; the next poll's overlap picks up what was missed."
+                );
             }
             break;
         }
@@ -257,7 +272,7 @@ impl Poller {
         let mut report = PollReport::default();
         let mut max_created: Option<i64> = None;
         for day in window::v1_days(cp, overlap, lookback, now) {
-            self.wait_for_room(cancel).await?;
+            self.wait_for_room(0, cancel).await?;
             let mut q: Vec<(String, String)> = vec![("date".into(), fmt_date(day))];
             if s.kind == StreamKind::UserActivityV1 {
                 q.push(("count".into(), V1_CAP.to_string()));
@@ -344,12 +359,15 @@ impl Poller {
         Ok(report)
     }
 
-    /// Wait while the journal is over its bounds (sinks are behind).
-    async fn wait_for_room(&self, cancel: &CancellationToken) -> Result<(), PollError> {
+    /// Wait while the journal, plus `pending` records fetched but not yet
+    /// stored, is over its bounds (sinks are behind).
+    async fn wait_for_room(&self, pending: u64, cancel: &CancellationToken) -> Result<(), PollError> {
         let mut warned = false;
         loop {
             let (records, bytes) = self.store.backlog();
-            if records < self.limits.max_records && bytes < self.limits.max_bytes {
+            let max = self.limits.max_records;
+            let fits = records == 0 || if pending == 0 { records < max } else { records + pending <= max };
+            if fits && bytes < self.limits.max_bytes {
                 return Ok(());
             }
             if !warned {

@@ -115,8 +115,11 @@ impl LineFormat {
     /// The record's original text is kept; only whitespace outside strings
     /// is removed when the text spans several lines.
     pub fn push_line(&self, row: &JournalRow, out: &mut String) {
-        let body: Cow<str> =
-            if row.body.contains(['\n', '\r']) { Cow::Owned(minify(&row.body)) } else { Cow::Borrowed(&row.body) };
+        let body: Cow<str> = if memchr::memchr2(b'\n', b'\r', row.body.as_bytes()).is_some() {
+            Cow::Owned(minify(&row.body))
+        } else {
+            Cow::Borrowed(&row.body)
+        };
         let body = body.trim();
         match &self.stream_field {
             Some(f) if body.starts_with('{') && !has_top_level_key(body, f) => {
