@@ -606,20 +606,22 @@ impl Store {
             .run(move |inner, conn| {
                 // The cursor and the trim it allows commit together: one fsync a batch.
                 let tx = conn.transaction().map_err(|e| sq(inner, e))?;
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO sink_cursors(sink, delivered_seq, file_dev, file_ino, file_offset, updated)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT(sink) DO UPDATE SET delivered_seq = ?2, file_dev = ?3, file_ino = ?4,
                         file_offset = ?5, updated = ?6, last_error = NULL",
-                    params![
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
                         sink,
                         seq,
                         file.map(|f| f.dev as i64),
                         file.map(|f| f.ino as i64),
                         file.map(|f| f.offset as i64),
                         now
-                    ],
-                )
+                    ])
+                })
                 .map_err(|e| sq(inner, e))?;
                 let freed = trim_in(inner, &tx)?;
                 tx.commit().map_err(|e| sq(inner, e))?;
@@ -915,11 +917,8 @@ fn trim_in(inner: &Inner, tx: &rusqlite::Transaction) -> Result<(u64, u64), Stor
     }
     let placeholders = vec!["?"; sinks.len()].join(",");
     let min: Option<i64> = tx
-        .query_row(
-            &format!("SELECT min(delivered_seq) FROM sink_cursors WHERE sink IN ({placeholders})"),
-            rusqlite::params_from_iter(sinks.iter()),
-            |r| r.get(0),
-        )
+        .prepare_cached(&format!("SELECT min(delivered_seq) FROM sink_cursors WHERE sink IN ({placeholders})"))
+        .and_then(|mut st| st.query_row(rusqlite::params_from_iter(sinks.iter()), |r| r.get(0)))
         .map_err(|e| sq(inner, e))?;
     let Some(min) = min else { return Ok((0, 0)) };
     let (n, bytes): (i64, i64) = tx

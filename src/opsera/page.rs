@@ -47,6 +47,14 @@ struct Envelope<'a> {
 }
 
 #[derive(Deserialize)]
+struct FastEnvelope<'a> {
+    #[serde(default, borrow)]
+    count: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    data: Option<Vec<&'a RawValue>>,
+}
+
+#[derive(Deserialize)]
 struct Head<'a> {
     #[serde(rename = "_id", default, borrow)]
     id: Option<&'a RawValue>,
@@ -59,12 +67,21 @@ const MAX_ID_LEN: usize = 128;
 
 /// Parse a response body. Errors say what was wrong, without the URL (the caller adds it).
 pub fn parse_page(body: &[u8], meaning: CountMeaning) -> Result<Page, String> {
-    let env: Envelope = serde_json::from_slice(body).map_err(|e| {
-        format!("response is not a JSON object with count and data ({e}); body starts with {}", snippet(body))
-    })?;
-    let data = env.data.ok_or("response has no \"data\" field")?;
-    let items: Vec<&RawValue> = serde_json::from_str(data.get()).map_err(|_| "\"data\" is not an array".to_string())?;
-    let count = match env.count {
+    // Fast path: one pass splits `data` into its records' raw text.
+    let (count, items) = match serde_json::from_slice::<FastEnvelope>(body) {
+        Ok(FastEnvelope { count, data: Some(items) }) => (count, items),
+        // Anything else takes the slow path, for a precise message.
+        _ => {
+            let env: Envelope = serde_json::from_slice(body).map_err(|e| {
+                format!("response is not a JSON object with count and data ({e}); body starts with {}", snippet(body))
+            })?;
+            let data = env.data.ok_or("response has no \"data\" field")?;
+            let items: Vec<&RawValue> =
+                serde_json::from_str(data.get()).map_err(|_| "\"data\" is not an array".to_string())?;
+            (env.count, items)
+        }
+    };
+    let count = match count {
         None => None,
         Some(c) => match serde_json::from_str::<u64>(c.get()) {
             Ok(n) => Some(n),
