@@ -115,14 +115,22 @@ impl LineFormat {
     /// The record's original text is kept; only whitespace outside strings
     /// is removed when the text spans several lines.
     pub fn push_line(&self, row: &JournalRow, out: &mut String) {
+        out.push_str(&self.line(row));
+        out.push('\n');
+    }
+
+    /// `row` as one line of JSON, without the newline; borrowed when the
+    /// record's text is already that line.
+    pub fn line<'a>(&self, row: &'a JournalRow) -> Cow<'a, str> {
         let body: Cow<str> = if memchr::memchr2(b'\n', b'\r', row.body.as_bytes()).is_some() {
             Cow::Owned(minify(&row.body))
         } else {
             Cow::Borrowed(&row.body)
         };
-        let body = body.trim();
         match &self.stream_field {
-            Some(f) if body.starts_with('{') && !has_top_level_key(body, f) => {
+            Some(f) if body.trim().starts_with('{') && !has_top_level_key(body.trim(), f) => {
+                let body = body.trim();
+                let mut out = String::with_capacity(body.len() + f.len() + row.stream.len() + 8);
                 out.push_str("{\"");
                 out.push_str(f);
                 out.push_str("\":");
@@ -132,10 +140,13 @@ impl LineFormat {
                     out.push(',');
                 }
                 out.push_str(rest);
+                Cow::Owned(out)
             }
-            _ => out.push_str(body),
+            _ => match body {
+                Cow::Borrowed(b) => Cow::Borrowed(b.trim()),
+                Cow::Owned(o) => Cow::Owned(o.trim().to_string()),
+            },
         }
-        out.push('\n');
     }
 }
 

@@ -81,9 +81,8 @@ impl Formatter {
     }
 
     pub fn format(&self, row: &JournalRow) -> Message {
-        let mut json = String::with_capacity(row.body.len() + 1);
-        self.lines.push_line(row, &mut json);
-        json.pop();
+        let json = self.lines.line(row);
+        let json = json.as_ref();
         let fields = key_fields(&row.body);
         match self.format {
             SyslogFormat::Rfc5424 => self.rfc5424(row, &fields, &json),
@@ -92,10 +91,10 @@ impl Formatter {
         }
     }
 
-    fn rfc5424(&self, row: &JournalRow, fields: &[(&'static str, String)], json: &str) -> Message {
+    fn rfc5424(&self, row: &JournalRow, fields: &[(&'static str, Cow<str>)], json: &str) -> Message {
         let mut sd_truncated = false;
         let mut sd = format!("[{}", self.sd_id);
-        for (k, v) in fields.iter().map(|(k, v)| (*k, v.as_str())).chain([("stream", row.stream.as_str())]) {
+        for (k, v) in fields.iter().map(|(k, v)| (*k, v.as_ref())).chain([("stream", row.stream.as_str())]) {
             let (v, cut) = cap(v, SD_VALUE_CAP);
             sd_truncated |= cut;
             sd.push(' ');
@@ -129,8 +128,8 @@ impl Formatter {
         format!("<{}>{} {} {}[{}]: ", self.pri, t.format("%b %e %H:%M:%S"), self.hostname, self.app_name, self.procid)
     }
 
-    fn cef(&self, row: &JournalRow, fields: &[(&'static str, String)], json: &str) -> Message {
-        let get = |k: &str| fields.iter().find(|(f, _)| *f == k).map(|(_, v)| v.as_str());
+    fn cef(&self, row: &JournalRow, fields: &[(&'static str, Cow<str>)], json: &str) -> Message {
+        let get = |k: &str| fields.iter().find(|(f, _)| *f == k).map(|(_, v)| v.as_ref());
         let (signature, name) = match (get("type"), get("action"), get("token_id")) {
             (_, _, Some(_)) => (
                 get("scope").map_or_else(|| row.stream.clone(), |s| format!("token.{s}")),
@@ -192,7 +191,7 @@ fn msgid(stream: &str) -> Cow<'_, str> {
 /// One streaming pass over the record: other fields are skipped without
 /// being built, so a record nested deeper than serde_json's recursion
 /// limit still yields its `_id`; of repeated keys the last one wins.
-fn key_fields(body: &str) -> Vec<(&'static str, String)> {
+fn key_fields(body: &str) -> Vec<(&'static str, Cow<'_, str>)> {
     use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
     use serde_json::value::RawValue;
 
@@ -228,8 +227,8 @@ fn key_fields(body: &str) -> Vec<(&'static str, String)> {
         .filter_map(|(k, raw)| {
             let text = raw?.get();
             let value = match text.as_bytes().first()? {
-                b'"' => serde_json::from_str::<String>(text).ok()?,
-                b't' | b'f' | b'-' | b'0'..=b'9' => text.to_string(),
+                b'"' => serde_json::from_str::<Key>(text).ok()?.0,
+                b't' | b'f' | b'-' | b'0'..=b'9' => Cow::Borrowed(text),
                 _ => return None,
             };
             Some((*k, value))
@@ -237,59 +236,60 @@ fn key_fields(body: &str) -> Vec<(&'static str, String)> {
         .collect()
 }
 
-/// RFC 5424 PARAM-VALUE escaping (`"`, `\`, `]`); with `line_breaks`, CR and
-/// LF are also written as `\r`/`\n`, so no message holds a raw line break.
-pub fn escape_sd(v: &str, line_breaks: bool) -> Cow<'_, str> {
-    let special = |c: char| matches!(c, '"' | '\\' | ']') || (line_breaks && matches!(c, '\n' | '\r'));
-    if !v.contains(special) {
+/// Copy `v`, replacing each byte for which `rule` gives a replacement;
+/// borrowed when nothing needs replacing. Every special character is ASCII,
+/// so runs between them are copied whole and UTF-8 stays intact.
+fn escape_with(v: &str, rule: impl Fn(u8) -> Option<&'static str>) -> Cow<'_, str> {
+    let bytes = v.as_bytes();
+    let Some(first) = bytes.iter().position(|b| rule(*b).is_some()) else {
         return Cow::Borrowed(v);
-    }
-    let mut o = String::with_capacity(v.len() + 8);
-    for c in v.chars() {
-        match c {
-            '"' | '\\' | ']' => {
-                o.push('\\');
-                o.push(c);
-            }
-            '\n' if line_breaks => o.push_str("\\n"),
-            '\r' if line_breaks => o.push_str("\\r"),
-            _ => o.push(c),
+    };
+    let mut o = String::with_capacity(v.len() + 16);
+    o.push_str(&v[..first]);
+    let mut run = first;
+    for (i, b) in bytes.iter().enumerate().skip(first) {
+        if let Some(rep) = rule(*b) {
+            o.push_str(&v[run..i]);
+            o.push_str(rep);
+            run = i + 1;
         }
     }
+    o.push_str(&v[run..]);
     Cow::Owned(o)
 }
 
+/// RFC 5424 PARAM-VALUE escaping (`"`, `\`, `]`); with `line_breaks`, CR and
+/// LF are also written as `\r`/`\n`, so no message holds a raw line break.
+pub fn escape_sd(v: &str, line_breaks: bool) -> Cow<'_, str> {
+    escape_with(v, |b| match b {
+        b'"' => Some("\\\""),
+        b'\\' => Some("\\\\"),
+        b']' => Some("\\]"),
+        b'\n' if line_breaks => Some("\\n"),
+        b'\r' if line_breaks => Some("\\r"),
+        _ => None,
+    })
+}
+
 /// CEF header escaping: `\` and `|`; line breaks become spaces.
-pub fn escape_cef_header(v: &str) -> String {
-    let mut o = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' | '|' => {
-                o.push('\\');
-                o.push(c);
-            }
-            '\n' | '\r' => o.push(' '),
-            _ => o.push(c),
-        }
-    }
-    o
+pub fn escape_cef_header(v: &str) -> Cow<'_, str> {
+    escape_with(v, |b| match b {
+        b'\\' => Some("\\\\"),
+        b'|' => Some("\\|"),
+        b'\n' | b'\r' => Some(" "),
+        _ => None,
+    })
 }
 
 /// CEF extension value escaping: `\`, `=`, and line breaks as `\n`/`\r`.
-pub fn escape_cef_ext(v: &str) -> String {
-    let mut o = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' | '=' => {
-                o.push('\\');
-                o.push(c);
-            }
-            '\n' => o.push_str("\\n"),
-            '\r' => o.push_str("\\r"),
-            _ => o.push(c),
-        }
-    }
-    o
+pub fn escape_cef_ext(v: &str) -> Cow<'_, str> {
+    escape_with(v, |b| match b {
+        b'\\' => Some("\\\\"),
+        b'=' => Some("\\="),
+        b'\n' => Some("\\n"),
+        b'\r' => Some("\\r"),
+        _ => None,
+    })
 }
 
 fn cef_severity(syslog_severity: u8) -> u8 {
@@ -318,10 +318,10 @@ fn cap(s: &str, n: usize) -> (Cow<'_, str>, bool) {
 
 /// `head` + `body`, cutting `body` (with the marker) to stay within `max` bytes.
 fn fit(head: String, body: &str, max: usize) -> Message {
-    fit_with(head, body, max, |s| s.to_string())
+    fit_with(head, body, max, |s: &str| Cow::Borrowed(s))
 }
 
-fn fit_with(mut head: String, body: &str, max: usize, esc: impl Fn(&str) -> String) -> Message {
+fn fit_with(mut head: String, body: &str, max: usize, esc: impl Fn(&str) -> Cow<'_, str>) -> Message {
     let full = esc(body);
     if head.len() + full.len() <= max {
         head.push_str(&full);
