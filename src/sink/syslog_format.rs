@@ -85,9 +85,9 @@ impl Formatter {
         let json = json.as_ref();
         let fields = key_fields(&row.body);
         match self.format {
-            SyslogFormat::Rfc5424 => self.rfc5424(row, &fields, &json),
-            SyslogFormat::Rfc3164 => self.rfc3164(row, &json),
-            SyslogFormat::Cef => self.cef(row, &fields, &json),
+            SyslogFormat::Rfc5424 => self.rfc5424(row, &fields, json),
+            SyslogFormat::Rfc3164 => self.rfc3164(row, json),
+            SyslogFormat::Cef => self.cef(row, &fields, json),
         }
     }
 
