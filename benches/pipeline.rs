@@ -477,6 +477,9 @@ fn main() {
             starts[2].as_secs_f64() * 1e3
         );
         let cfg = write_config(dir.path(), url, true);
+        if idle_secs == 0 {
+            return print_tail();
+        }
         let (child, _) = start_until_ready(&cfg, dir.path());
         std::thread::sleep(Duration::from_secs(5));
         let pid = child.id();
@@ -492,6 +495,11 @@ fn main() {
             cpu / idle_secs as f64 * 100.0
         );
     }
+    print_tail();
+}
+
+/// Binary size and the per-stage micro figures.
+fn print_tail() {
     println!(
         "release binary: {:.1} MB (stripped: {})",
         file_size(Path::new(BIN)) as f64 / 1e6,
