@@ -8,10 +8,14 @@ use std::path::Path;
 
 use opsera_shipper::config::{self, LoadOptions, SinkKind, SyslogFormat};
 use opsera_shipper::opsera::{CountMeaning, parse_page};
-use opsera_shipper::sink::syslog_format::{Formatter, TRUNCATION_MARKER};
+use opsera_shipper::sink::syslog_format::{Formatter, KEY_FIELDS, TRUNCATION_MARKER};
 use opsera_shipper::sink::{LineFormat, WebhookSink};
 use opsera_shipper::store::JournalRow;
 use proptest::prelude::*;
+
+#[path = "common/cef.rs"]
+mod cef;
+use cef::{cef_ext, cef_ext_start};
 use serde_json::{Value, json};
 
 /// Arbitrary JSON (no floats: their text need not round-trip exactly).
@@ -45,18 +49,7 @@ fn record() -> impl Strategy<Value = Value> {
         "[0-9a-f]{24}",
         (2000i64..2100, 1u32..13, 1u32..29, 0u32..24, 0u32..60, 0u32..60, 0u32..1000),
         prop::collection::btree_map(
-            prop::sample::select(vec![
-                "user_id",
-                "user_email",
-                "type",
-                "action",
-                "secondary_action",
-                "target_id",
-                "account",
-                "token_id",
-                "scope",
-                "target",
-            ]),
+            prop::sample::select(KEY_FIELDS[1..].to_vec()),
             prop_oneof![nasty().prop_map(Value::String), any_json()],
             0..10,
         ),
@@ -139,54 +132,6 @@ fn parse_5424(m: &str) -> (Vec<&str>, BTreeMap<String, String>, &str) {
     }
     let msg = rest.strip_prefix(" \u{feff}").expect("BOM before MSG");
     (head, params, msg)
-}
-
-fn cef_unescape(v: &str) -> String {
-    let mut o = String::new();
-    let mut it = v.chars();
-    while let Some(c) = it.next() {
-        if c == '\\' {
-            match it.next() {
-                Some('n') => o.push('\n'),
-                Some('r') => o.push('\r'),
-                Some(e) => o.push(e),
-                None => o.push('\\'),
-            }
-        } else {
-            o.push(c);
-        }
-    }
-    o
-}
-
-/// CEF extension pairs; keys are `[A-Za-z0-9]+` preceded by a space and
-/// followed by an unescaped `=`.
-fn cef_ext(ext: &str) -> BTreeMap<String, String> {
-    let b = ext.as_bytes();
-    let mut starts = Vec::new(); // (key start, '=' index)
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' {
-            i += 2;
-            continue;
-        }
-        if b[i] == b'=' {
-            let mut k = i;
-            while k > 0 && b[k - 1].is_ascii_alphanumeric() {
-                k -= 1;
-            }
-            if k < i && (k == 0 || b[k - 1] == b' ') {
-                starts.push((k, i));
-            }
-        }
-        i += 1;
-    }
-    let mut out = BTreeMap::new();
-    for (n, (k, eq)) in starts.iter().enumerate() {
-        let end = starts.get(n + 1).map_or(ext.len(), |(k2, _)| k2 - 1);
-        out.insert(ext[*k..*eq].to_string(), cef_unescape(&ext[eq + 1..end]));
-    }
-    out
 }
 
 fn parse_json(s: &str) -> Value {
@@ -310,22 +255,9 @@ proptest! {
         let text = String::from_utf8(m.bytes).unwrap();
         prop_assert!(!text.contains(['\n', '\r']));
         let cef = &text[text.find("CEF:0|").expect("CEF header")..];
-        // Header fields are split on unescaped pipes.
-        let (mut fields, mut cur, mut esc) = (Vec::new(), String::new(), false);
-        let mut ext_at = None;
-        for (i, c) in cef.char_indices() {
-            if esc { cur.push(c); esc = false; continue; }
-            match c {
-                '\\' => esc = true,
-                '|' => {
-                    fields.push(std::mem::take(&mut cur));
-                    if fields.len() == 7 { ext_at = Some(i + 1); break; }
-                }
-                c => cur.push(c),
-            }
-        }
-        prop_assert_eq!(fields.len(), 7, "CEF header: {:.200}", cef);
-        let ext = cef_ext(&cef[ext_at.unwrap()..]);
+        let at = cef_ext_start(cef);
+        prop_assert!(at > 0, "CEF header: {:.200}", cef);
+        let ext = cef_ext(&cef[at..]);
         prop_assert_eq!(ext.get("externalId").map(String::as_str), v["_id"].as_str());
         prop_assert_eq!(ext.get("cs6").map(String::as_str), Some("user_activity"));
         for (field, key) in [("user_email", "suser"), ("action", "act"), ("target", "request")] {

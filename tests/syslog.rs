@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 
+use common::cef::{cef_ext, cef_ext_start};
 use common::rsyslog::{Rsyslog, make_certs};
 use common::*;
 use opsera_shipper::simulator::SimOptions;
@@ -85,93 +86,6 @@ fn same_or_cut(got: &str, want: &str, what: &str) {
 
 fn record_of(served: &HashMap<String, String>, id: &str) -> serde_json::Value {
     serde_json::from_str(served.get(id).unwrap_or_else(|| panic!("unknown record {id}"))).unwrap()
-}
-
-/// Undo CEF extension escaping.
-fn cef_unescape(v: &str) -> String {
-    let mut o = String::new();
-    let mut it = v.chars();
-    while let Some(c) = it.next() {
-        if c == '\\' {
-            match it.next() {
-                Some('n') => o.push('\n'),
-                Some('r') => o.push('\r'),
-                Some(x) => o.push(x),
-                None => {}
-            }
-        } else {
-            o.push(c);
-        }
-    }
-    o
-}
-
-/// Where a CEF line's extension starts: after the seventh unescaped `|`.
-fn cef_ext_start(cef: &str) -> usize {
-    let (mut pipes, mut escaped) = (0, false);
-    for (i, c) in cef.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' => escaped = true,
-            '|' => {
-                pipes += 1;
-                if pipes == 7 {
-                    return i + 1;
-                }
-            }
-            _ => {}
-        }
-    }
-    panic!("not a CEF line: {cef}");
-}
-
-/// CEF extension `key=value` pairs (values end where the next unescaped `key=` starts).
-fn cef_ext(ext: &str) -> HashMap<String, String> {
-    let keys = [
-        "rt",
-        "externalId",
-        "suid",
-        "suser",
-        "act",
-        "cat",
-        "cs1Label",
-        "cs1",
-        "cs2Label",
-        "cs2",
-        "cs3Label",
-        "cs3",
-        "cs4Label",
-        "cs4",
-        "cs5Label",
-        "cs5",
-        "request",
-        "cs6Label",
-        "cs6",
-        "msg",
-    ];
-    let mut out = HashMap::new();
-    let mut starts: Vec<(usize, &str)> = Vec::new();
-    for k in keys {
-        let pat = format!("{k}=");
-        let mut from = 0;
-        while let Some(i) = ext[from..].find(&pat) {
-            let at = from + i;
-            let boundary = at == 0 || ext.as_bytes()[at - 1] == b' ';
-            let escaped = at > 0 && ext.as_bytes()[at.saturating_sub(1)] == b'\\';
-            if boundary && !escaped && !starts.iter().any(|(s, _)| *s == at) {
-                starts.push((at, k));
-                break;
-            }
-            from = at + 1;
-        }
-    }
-    starts.sort();
-    for (i, (at, k)) in starts.iter().enumerate() {
-        let vstart = at + k.len() + 1;
-        let vend = starts.get(i + 1).map_or(ext.len(), |(n, _)| n - 1);
-        out.insert(k.to_string(), cef_unescape(&ext[vstart..vend]));
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,7 @@ pub const TRUNCATION_MARKER: &str = "...[truncated by opsera-shipper]";
 /// SD parameter values longer than this are cut (with the marker).
 const SD_VALUE_CAP: usize = 1024;
 /// The record fields carried as structured data (and mapped in CEF), when present.
-const KEY_FIELDS: [&str; 11] = [
+pub const KEY_FIELDS: [&str; 11] = [
     "_id",
     "user_id",
     "user_email",

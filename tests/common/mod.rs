@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+pub mod cef;
 pub mod receiver;
 pub mod rsyslog;
 
