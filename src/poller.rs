@@ -222,20 +222,25 @@ impl Poller {
                     (Some(a), Some(b)) => Some((a.id.clone(), b.id.clone())),
                     _ => None,
                 };
-                let repeated = edges.is_some() && edges == prev_edges;
-                if repeated {
-                    warn!(page, "The server sent the same page twice; stopping here (does it honour `page`?).");
+                if edges.is_some() && edges == prev_edges {
+                    // Completing the window would move the watermark past
+                    // records never fetched: fail the poll instead, loudly.
+                    return Err(PollError::Api(ApiError::BadResponse {
+                        url: self.client.url(s.kind.path(), &base),
+                        reason: format!(
+                            "page {page} is the same as page {}: the server does not honour `page`, so the rest of \
+                             the window cannot be fetched; the checkpoint stays where it is",
+                            page - 1
+                        ),
+                    }));
                 }
-                let last =
-                    n == 0 || repeated || (n < page_size && count.is_none_or(|c| received >= c)) || page >= MAX_PAGES;
+                let last = n == 0 || (n < page_size && count.is_none_or(|c| received >= c)) || page >= MAX_PAGES;
                 if page >= MAX_PAGES && n > 0 {
                     warn!(pages = MAX_PAGES, "Window has too many pages; the rest is left to the next poll.");
                 }
                 let window = (w.start, w.end + MINUTE);
                 if last {
-                    if !repeated {
-                        self.ingest(current.records, window, now, &mut report, &mut max_created).await?;
-                    }
+                    self.ingest(current.records, window, now, &mut report, &mut max_created).await?;
                     break;
                 }
                 prev_edges = edges;

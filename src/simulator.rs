@@ -78,6 +78,8 @@ pub struct SimOptions {
     pub skew_ms: i64,
     /// Per-request delay, for slow-server tests.
     pub latency: Duration,
+    /// Serve the first page whatever `page` asks for (a broken server).
+    pub ignore_page: bool,
 }
 
 impl Default for SimOptions {
@@ -94,6 +96,7 @@ impl Default for SimOptions {
             pretty: false,
             skew_ms: 0,
             latency: Duration::ZERO,
+            ignore_page: false,
         }
     }
 }
@@ -303,6 +306,11 @@ impl Simulator {
 
     pub fn set_skew_ms(&self, ms: i64) {
         self.st().opts.skew_ms = ms;
+    }
+
+    /// Serve the first page whatever `page` asks for, or stop doing so.
+    pub fn set_ignore_page(&self, on: bool) {
+        self.st().opts.ignore_page = on;
     }
 
     /// Requests served so far.
@@ -640,6 +648,7 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
         .filter(|r| filters.iter().all(|(k, v)| r.field(k).as_deref() == Some(*v)))
         .collect();
     let size = st.opts.page_cap.map_or(page_size, |c| c.min(page_size));
+    let page = if st.opts.ignore_page { 1 } else { page };
     let from = (page - 1).saturating_mul(size).min(matching.len());
     let to = (from + size).min(matching.len());
     let mut body = st.render(matching.len(), &matching[from..to]);

@@ -226,3 +226,20 @@ async fn duplicate_ids_in_a_page_wrong_types_and_lying_counts() {
     served.insert("cccccccccccccccccccccccc".into(), dup);
     assert_exactly_once(&h.lines(), &served);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_ignores_page_fails_the_poll_instead_of_skipping_records() {
+    let h = Harness::new(SimOptions { ignore_page: true, ..opts(250, 0) }).await;
+    let cfg = h.config(&format!("{ONE_STREAM}[streams.user_activity]\npage_size = 100\n"));
+    let c = cfg.to_str().unwrap();
+    let o = h.run(&["once", "--config", c]).await;
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(75), "{err}");
+    assert!(err.contains("does not honour `page`") && err.contains("/api/v2/logs/audit/user"), "{err}");
+    assert_eq!(watermark(&status_json(&h, &cfg).await, "user_activity"), None, "the checkpoint did not move");
+    // Once the server pages properly, everything arrives, once.
+    h.sim.set_ignore_page(false);
+    let o = h.run(&["once", "--config", c]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_exactly_once(&h.lines(), &h.sim.user_records().into_iter().collect());
+}
