@@ -9,7 +9,9 @@
 //! state database, binary size, and per-stage micro figures.
 //!
 //! Environment: `BENCH_SIZES` (default `10000,100000,1000000`),
-//! `BENCH_IDLE_SECS` (default 60).
+//! `BENCH_IDLE_SECS` (default 60; 0 skips the idle run), `BENCH_QUICK`
+//! (only the size table), `BENCH_WRAP` (a profiler to run the pipeline
+//! under, e.g. `perf record -g -o /tmp/perf.data`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -399,9 +401,6 @@ fn main() {
             }
             None => std::process::Command::new(BIN),
         };
-        if let Ok(a) = std::env::var("BENCH_ARENAS") {
-            cmd.env("MALLOC_ARENA_MAX", a);
-        }
         let u = run_child(cmd.args(["once", "--config", cfg.to_str().unwrap()]));
         assert!(u.ok, "once failed");
         let lines = std::fs::read_to_string(dir.path().join("out.jsonl")).map(|t| t.lines().count()).unwrap_or(0);

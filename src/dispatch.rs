@@ -296,6 +296,11 @@ impl Dispatcher {
         Delivered::Done { pos, refused }
     }
 
+    fn count_error(&self, kind: &str) {
+        let labels = crate::metrics::SinkErrorLabels { sink: self.name.clone(), kind: kind.into() };
+        crate::metrics::get().sink_errors.get_or_create(&labels).inc();
+    }
+
     async fn deliver_with_retry(&mut self, rows: &[JournalRow], cancel: &CancellationToken) -> Attempt {
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(self.min_delay)
@@ -317,23 +322,11 @@ impl Dispatcher {
                     return Attempt::Done(pos);
                 }
                 Err(SinkError::Rejected { reason, status, bad_index }) => {
-                    crate::metrics::get()
-                        .sink_errors
-                        .get_or_create(&crate::metrics::SinkErrorLabels {
-                            sink: self.name.clone(),
-                            kind: "rejected".into(),
-                        })
-                        .inc();
+                    self.count_error("rejected");
                     return Attempt::Rejected { reason, status, bad_index };
                 }
                 Err(SinkError::Retryable { reason, retry_after }) => {
-                    crate::metrics::get()
-                        .sink_errors
-                        .get_or_create(&crate::metrics::SinkErrorLabels {
-                            sink: self.name.clone(),
-                            kind: "retryable".into(),
-                        })
-                        .inc();
+                    self.count_error("retryable");
                     crate::health::Health::get().busy(&format!("sink {}", self.name));
                     let backoff = delays.next().unwrap_or(self.batching.max_backoff);
                     let delay = retry_after.map_or(backoff, |ra| ra.max(backoff));

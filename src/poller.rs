@@ -343,7 +343,7 @@ impl Poller {
         // data) must not carry the watermark past what was polled. The next
         // window starts at min(watermark, polled_until) either way; the cap
         // keeps the reported watermark honest.
-        let max_created = max_created.map(|m| m.min(polled_until.max(0)));
+        let max_created = max_created.map(|m| m.min(polled_until));
         let (daily, overlap, lookback) = (s.kind.is_daily(), Self::ms(s.overlap), Self::ms(s.initial_lookback));
         let cp = self
             .store

@@ -651,10 +651,8 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
     let page = if st.opts.ignore_page { 1 } else { page };
     let from = (page - 1).saturating_mul(size).min(matching.len());
     let to = (from + size).min(matching.len());
-    let mut body = st.render(matching.len(), &matching[from..to]);
-    if page == 1 && !st.extra.is_empty() {
-        body = with_extra(&body, matching.len(), &st.extra);
-    }
+    let extra: &[String] = if page == 1 { &st.extra } else { &[] };
+    let body = with_extra(st.render(matching.len() + extra.len(), &matching[from..to]), extra);
     if let Some((n, age)) = st.insert_while_paging {
         let at = st.now() - age;
         for _ in 0..n {
@@ -664,12 +662,15 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
     ok_json(body)
 }
 
-/// `body` (a rendered page) with `extra` raw records added at the end of `data`, and to `count`.
-fn with_extra(body: &str, count: usize, extra: &[String]) -> String {
-    let (Some(close), Some(open)) = (body.rfind(']'), body.find('[')) else { return body.to_string() };
+/// `body` (a rendered page whose count already includes them) with `extra`
+/// raw records added at the end of `data`.
+fn with_extra(body: String, extra: &[String]) -> String {
+    if extra.is_empty() {
+        return body;
+    }
+    let (Some(close), Some(open)) = (body.rfind(']'), body.find('[')) else { return body };
     let sep = if body[open + 1..close].trim().is_empty() { "" } else { "," };
-    let body = format!("{}{sep}{}{}", &body[..close], extra.join(","), &body[close..]);
-    body.replacen(&format!("{count}"), &format!("{}", count + extra.len()), 1)
+    format!("{}{sep}{}{}", &body[..close], extra.join(","), &body[close..])
 }
 
 fn v1_day(p: &[(String, String)], now: i64) -> Result<(i64, i64), String> {

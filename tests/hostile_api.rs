@@ -76,7 +76,7 @@ async fn a_hung_then_vanished_api_is_reported_and_the_whole_gap_is_fetched_after
     }
     let mut ready = (0, String::new());
     wait_until("/readyz says the API times out", || {
-        ready = futures_block(http_get(&readyz));
+        ready = block_on(http_get(&readyz));
         ready.0 == 503 && ready.1.contains("timed out")
     })
     .await;
@@ -94,7 +94,7 @@ async fn a_hung_then_vanished_api_is_reported_and_the_whole_gap_is_fetched_after
         gap.extend(h.sim.add_user_at(10, now - back * MINUTE));
     }
     wait_until("/readyz says the connection is refused", || {
-        ready = futures_block(http_get(&readyz));
+        ready = block_on(http_get(&readyz));
         ready.0 == 503 && ready.1.contains("onnection refused")
     })
     .await;
@@ -108,16 +108,11 @@ async fn a_hung_then_vanished_api_is_reported_and_the_whole_gap_is_fetched_after
     // 370 records at 100 a page: the gap costs one window of a few pages, not a request per missed poll.
     let spent = h.sim.requests() - before;
     assert!(spent <= 12, "catching up took {spent} requests");
-    wait_until("/readyz is ready again", || futures_block(http_get(&readyz)).0 == 200).await;
+    wait_until("/readyz is ready again", || block_on(http_get(&readyz)).0 == 200).await;
     assert_eq!(sigterm(daemon).await, Some(0));
     no_panic(&std::fs::read_to_string(&log).unwrap());
     h.assert_exactly_once();
     integrity_ok(&h.path("state.db"));
-}
-
-/// Run a future to completion from a synchronous closure (the wait_until predicate).
-fn futures_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

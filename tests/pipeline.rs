@@ -220,23 +220,11 @@ async fn killed_daemon_resumes_from_its_checkpoint() {
         "[streams.user_activity]\ninterval = \"1s\"\npage_size = 250\n[streams.token_activity]\ninterval = \"1s\"\n",
     );
     let c = cfg.to_str().unwrap().to_string();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--config", &c])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_daemon(std::path::Path::new(&c), &[], None);
     wait_until("the backlog is delivered", || h.lines_so_far().len() >= 2_200).await;
     child.kill().await.unwrap(); // SIGKILL
     let fresh = h.sim.add_user_at(30, h.sim.now() - 3 * MINUTE);
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--config", &c])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_daemon(std::path::Path::new(&c), &[], None);
     wait_until("new records are delivered after the restart", || {
         let ids: Vec<String> = h.lines_so_far().iter().map(|l| id_of(l)).collect();
         fresh.iter().all(|f| ids.contains(f))

@@ -216,13 +216,7 @@ async fn receiver_restart_mid_stream_loses_nothing_over_tcp_and_tls() {
         backoff(sink_toml("plain", "rfc5424", "tcp", None, rs.tcp_port, &ca), "plain"),
         backoff(sink_toml("secure", "rfc5424", "tls", None, rs.tls_port, &ca), "secure"),
     ));
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_daemon(&cfg, &[], None);
     wait_until("some messages arrived", || rs.messages().len() >= 400).await;
     rs.stop();
     let at_stop = rs.messages().len();

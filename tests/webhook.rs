@@ -265,13 +265,7 @@ async fn receiver_outage_holds_back_only_its_sink_and_loses_nothing() {
         &r,
         "batch_max_records = 50\nmax_backoff = \"500ms\"\n[streams.user_activity]\ninterval = \"1s\"\n[streams.token_activity]\ninterval = \"1s\"\n",
     ));
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_daemon(&cfg, &[], None);
     wait_until("the receiver answered 503 four times", || r.st().script.is_empty()).await;
     // ...then goes away entirely, while the file sink keeps delivering...
     r.stop().await;

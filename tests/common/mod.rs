@@ -230,3 +230,9 @@ pub fn integrity_ok(db: &Path) {
     let r: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(r, "ok", "state database integrity");
 }
+
+/// Run a future to completion from synchronous code inside a multi-thread
+/// runtime (a `wait_until` predicate).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
