@@ -79,7 +79,7 @@ struct Pipeline {
 impl Pipeline {
     async fn build(cfg: Config) -> Result<Self, AppError> {
         let lock = WriterLock::acquire(&cfg.state.path).map_err(AppError::Locked)?;
-        let store = open_store(&cfg.state.path).await?;
+        let store = open_store(&cfg.state.path, true).await?;
         let token = cfg.api.token.clone().ok_or_else(|| {
             AppError::Config(ConfigError { file: cfg.source.display().to_string(), message: "no API token".into() })
         })?;
@@ -115,9 +115,11 @@ impl Pipeline {
     }
 }
 
-async fn open_store(path: &Path) -> Result<Store, AppError> {
+/// Open the store for writing (the caller holds the [`WriterLock`]), or
+/// only to read state beside a running daemon (`writer = false`).
+async fn open_store(path: &Path, writer: bool) -> Result<Store, AppError> {
     let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || Store::open(&p))
+    tokio::task::spawn_blocking(move || if writer { Store::open(&p) } else { Store::open_read(&p) })
         .await
         .map_err(|e| AppError::Other(anyhow::anyhow!("opening the store: {e}")))?
         .map_err(AppError::from)
@@ -393,7 +395,7 @@ pub async fn status(cfg: Config, json: bool) -> Result<u8, AppError> {
         }
         return Ok(exit::OK);
     }
-    let store = open_store(&cfg.state.path).await?;
+    let store = open_store(&cfg.state.path, false).await?;
     let st = store.status(cfg.sinks.iter().map(|s| s.name.clone()).collect()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&st).map_err(|e| AppError::Other(e.into()))?);
@@ -488,7 +490,7 @@ pub async fn dead_letters(cfg: Config, action: DeadLetterAction) -> Result<u8, A
         println!("No state database at {} yet.", cfg.state.path.display());
         return Ok(exit::OK);
     }
-    let store = open_store(&cfg.state.path).await?;
+    let store = open_store(&cfg.state.path, false).await?;
     match action {
         DeadLetterAction::List { sink, json } => {
             check_sink(&sink)?;
@@ -541,7 +543,7 @@ pub async fn reset(cfg: Config, stream: &str, since: Option<&str>) -> Result<u8,
         })?),
     };
     let _lock = WriterLock::acquire(&cfg.state.path).map_err(AppError::Locked)?;
-    let store = open_store(&cfg.state.path).await?;
+    let store = open_store(&cfg.state.path, true).await?;
     store.reset_stream(stream, since_ms).await?;
     match since_ms {
         Some(t) => println!(

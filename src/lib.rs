@@ -20,7 +20,8 @@
 //! - [`opsera`]: API client, retries, untrusting page parsing.
 //! - [`window`]: window and day arithmetic, dedup horizons.
 //! - [`poller`]: per-stream poll loop.
-//! - [`store`]: SQLite state: checkpoints, dedup, journal, cursors.
+//! - [`store`]: SQLite state: checkpoints, dedup, journal index, cursors.
+//! - [`segments`]: the journal's record bodies, in append-only files.
 //! - [`dispatch`]: per-sink delivery loop.
 //! - [`sink`]: the sink trait and the sinks.
 //! - [`simulator`]: a simulated Opsera API for the demo and the tests.
@@ -37,6 +38,7 @@ mod lenient;
 pub mod metrics;
 pub mod opsera;
 pub mod poller;
+pub mod segments;
 pub mod server;
 pub mod simulator;
 pub mod sink;

@@ -5,13 +5,17 @@
 //!   end of the last completed window, and the last poll's outcome.
 //! - `seen`: ids already ingested, for dedup; pruned once no later poll can
 //!   return their record.
-//! - `journal`: each new record's original JSON text, in ingest order
-//!   (`seq`, AUTOINCREMENT so numbers are never reused after a trim).
+//! - `journal_pages`: the journal, one row per stored page: its records'
+//!   `seq` range (numbers are never reused after a trim), stream, and where
+//!   in the segment files ([`crate::segments`]) their original JSON text is.
+//!   (`journal`, the per-record table of schema versions 1–3, is converted
+//!   at the first writable open and stays empty.)
 //! - `sink_cursors`: per sink the last `seq` delivered (and, for file sinks,
 //!   the file's committed length and identity).
 //! - `dead_letters`: records a sink refused permanently, with the reason.
 //!
-//! Ingesting a page is one transaction (seen + journal), so a crash keeps
+//! Ingesting a page is one transaction (seen + journal page), after its
+//! bodies are written and fsynced to the current segment, so a crash keeps
 //! all of a page or none of it. The watermark only moves in a later
 //! transaction, after the whole window is stored. This module must never be
 //! called on an async worker thread: every public async method runs its
@@ -25,6 +29,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::opsera::Record;
+use crate::segments::{self, Segments};
 use crate::window::Checkpoint;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the count applied.
@@ -79,7 +84,23 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX dead_letters_by_sink ON dead_letters(sink, retry);",
     // 3: body length kept with the row, so byte accounting never reads bodies
     "ALTER TABLE journal ADD COLUMN len INTEGER;",
+    // 4: record bodies move to segment files; SQLite keeps one row per page
+    "CREATE TABLE journal_pages(
+        first_seq INTEGER PRIMARY KEY,
+        records INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        segment INTEGER NOT NULL,
+        offset INTEGER NOT NULL,
+        len INTEGER NOT NULL,
+        body_bytes INTEGER NOT NULL,
+        min_created INTEGER NOT NULL
+     );
+     CREATE TABLE journal_seq(one INTEGER PRIMARY KEY CHECK (one = 1), high INTEGER NOT NULL);
+     INSERT INTO journal_seq VALUES (1, coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0));",
 ];
+
+/// Old per-record journal rows are converted into pages of at most this many.
+const CONVERT_PAGE: usize = 1000;
 
 /// A store failure. Messages name the database file.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +220,9 @@ pub struct Status {
 struct Inner {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// The segment files; `None` for a read-only open (`status`). Locked
+    /// only while `conn` is held.
+    segments: Mutex<Option<Segments>>,
     journal_records: AtomicU64,
     journal_bytes: AtomicU64,
     /// Sinks whose cursors hold back journal trimming.
@@ -261,9 +285,23 @@ pub struct Store {
 }
 
 impl Store {
-    /// Open (creating if needed) the state database at `path`, applying migrations.
-    /// Blocking: call before the runtime is busy, or from `spawn_blocking`.
+    /// Open (creating if needed) the state database at `path` and its
+    /// journal segments for writing, applying migrations and cutting any
+    /// uncommitted segment tail. Only the holder of the [`WriterLock`] may
+    /// do this. Blocking: call before the runtime is busy, or from
+    /// `spawn_blocking`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Self::open_with(path, true)
+    }
+
+    /// Open the state database for reading what `status` and
+    /// `dead-letters` show while a daemon may be running: the segment files
+    /// are not touched, and the journal cannot be read or written.
+    pub fn open_read(path: &Path) -> Result<Store, StoreError> {
+        Self::open_with(path, false)
+    }
+
+    fn open_with(path: &Path, writer: bool) -> Result<Store, StoreError> {
         let err = |message: String| StoreError::Other { path: path.display().to_string(), message };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             create_private_dir(dir).map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
@@ -293,8 +331,25 @@ impl Store {
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF; PRAGMA wal_autocheckpoint = 512;")
             .map_err(sq)?;
         migrate(&mut conn, path)?;
+        let segments = if writer {
+            let mut committed = std::collections::BTreeMap::new();
+            let mut st = conn
+                .prepare("SELECT segment, max(offset + len) FROM journal_pages GROUP BY segment")
+                .map_err(sq)?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))).map_err(sq)?;
+            for row in rows {
+                let (no, end) = row.map_err(sq)?;
+                committed.insert(no, end);
+            }
+            drop(st);
+            let mut segs = Segments::open(&segments::dir_for(path), &committed).map_err(err)?;
+            convert_old_journal(&mut conn, &mut segs, path)?;
+            Some(segs)
+        } else {
+            None
+        };
         let (records, bytes): (i64, i64) = conn
-            .query_row("SELECT count(*), coalesce(sum(coalesce(len, octet_length(body))), 0) FROM journal", [], |r| {
+            .query_row("SELECT coalesce(sum(records), 0), coalesce(sum(body_bytes), 0) FROM journal_pages", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .map_err(sq)?;
@@ -302,6 +357,7 @@ impl Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 conn: Mutex::new(conn),
+                segments: Mutex::new(segments),
                 journal_records: AtomicU64::new(records as u64),
                 journal_bytes: AtomicU64::new(bytes as u64),
                 active_sinks: Mutex::new(Vec::new()),
@@ -353,8 +409,8 @@ impl Store {
             let tx = conn.transaction().map_err(|e| sq(inner, e))?;
             let start: i64 = tx
                 .query_row(
-                    "SELECT coalesce((SELECT min(seq) - 1 FROM journal),
-                                     (SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0)",
+                    "SELECT coalesce((SELECT min(first_seq) - 1 FROM journal_pages),
+                                     (SELECT high FROM journal_seq), 0)",
                     [],
                     |r| r.get(0),
                 )
@@ -404,27 +460,19 @@ impl Store {
         let stats = self
             .run(move |inner, conn| {
                 let mut stats = IngestStats::default();
-                let mut bytes = 0u64;
+                let mut page = PageFrames::default();
                 let tx = conn.transaction().map_err(|e| sq(inner, e))?;
                 {
                     let mut seen = tx
                         .prepare_cached("INSERT OR IGNORE INTO seen(stream, id, created) VALUES (?1, ?2, ?3)")
-                        .map_err(|e| sq(inner, e))?;
-                    let mut journal = tx
-                        .prepare_cached(
-                            "INSERT INTO journal(stream, id, created, body, len) VALUES (?1, ?2, ?3, ?4, ?5)",
-                        )
                         .map_err(|e| sq(inner, e))?;
                     for r in &records {
                         stats.max_created = Some(stats.max_created.map_or(r.created, |m| m.max(r.created)));
                         let early = r.created < from;
                         let key = if early { to } else { r.created };
                         if seen.execute(params![stream, r.id, key]).map_err(|e| sq(inner, e))? == 1 {
-                            journal
-                                .execute(params![stream, r.id, r.created, r.body, r.body.len() as i64])
-                                .map_err(|e| sq(inner, e))?;
+                            page.push(&r.id, r.created, &r.body);
                             stats.new += 1;
-                            bytes += r.body.len() as u64;
                         } else {
                             stats.duplicate += 1;
                             if early {
@@ -438,9 +486,20 @@ impl Store {
                         }
                     }
                 }
-                tx.commit().map_err(|e| sq(inner, e))?;
+                if page.records == 0 {
+                    tx.commit().map_err(|e| sq(inner, e))?;
+                    return Ok(stats);
+                }
+                let mut segs = lock(&inner.segments);
+                let segs = segs.as_mut().ok_or_else(|| read_only(inner))?;
+                let idle = inner.journal_records.load(Ordering::Relaxed) == 0;
+                let (no, at) = append_page(&inner.path, &tx, segs, &stream, &page, None, idle)?;
+                if let Err(e) = tx.commit() {
+                    segs.rollback(no, at);
+                    return Err(sq(inner, e));
+                }
                 inner.journal_records.fetch_add(stats.new, Ordering::Relaxed);
-                inner.journal_bytes.fetch_add(bytes, Ordering::Relaxed);
+                inner.journal_bytes.fetch_add(page.body_bytes as u64, Ordering::Relaxed);
                 Ok(stats)
             })
             .await?;
@@ -556,32 +615,76 @@ impl Store {
         overhead: usize,
     ) -> Result<Batch, StoreError> {
         self.run(move |inner, conn| {
+            let mut segs = lock(&inner.segments);
+            let segs = segs.as_mut().ok_or_else(|| read_only(inner))?;
+            // From the page holding `after + 1` (or the first after it) on.
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT seq, stream, id, created, body FROM journal WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                    "SELECT first_seq, records, stream, segment, offset, len FROM journal_pages
+                     WHERE first_seq >= coalesce((SELECT max(first_seq) FROM journal_pages WHERE first_seq <= ?1), 0)
+                     ORDER BY first_seq",
                 )
                 .map_err(|e| sq(inner, e))?;
-            let mut rows = stmt.query(params![after, limit as i64]).map_err(|e| sq(inner, e))?;
+            let mut pages = stmt.query([after]).map_err(|e| sq(inner, e))?;
             let mut batch = Batch { rows: Vec::new(), last_seq: after };
-            let mut bytes = 0usize;
-            while let Some(r) = rows.next().map_err(|e| sq(inner, e))? {
-                let seq: i64 = r.get(0).map_err(|e| sq(inner, e))?;
-                let stream: String = r.get(1).map_err(|e| sq(inner, e))?;
-                if streams.contains(&stream) {
-                    let body: String = r.get(4).map_err(|e| sq(inner, e))?;
-                    if !batch.rows.is_empty() && bytes + body.len() + overhead > max_bytes {
-                        break; // this row starts the next batch
+            let (mut bytes, mut scanned) = (0usize, 0usize);
+            let mut buf = Vec::new();
+            'pages: while let Some(p) = pages.next().map_err(|e| sq(inner, e))? {
+                let (first, records): (i64, i64) = (p.get(0).map_err(|e| sq(inner, e))?, p.get(1).map_err(|e| sq(inner, e))?);
+                let last = first + records - 1;
+                if last <= after {
+                    continue;
+                }
+                let stream: String = p.get(2).map_err(|e| sq(inner, e))?;
+                if !streams.contains(&stream) {
+                    // Not this sink's: pass over the page's records unread.
+                    let from = after.max(first - 1).max(batch.last_seq);
+                    let n = ((last - from) as usize).min(limit - scanned);
+                    batch.last_seq = from + n as i64;
+                    scanned += n;
+                    if scanned >= limit {
+                        break;
                     }
-                    bytes += body.len() + overhead;
+                    continue;
+                }
+                let (no, at, len): (i64, i64, i64) = (
+                    p.get(3).map_err(|e| sq(inner, e))?,
+                    p.get(4).map_err(|e| sq(inner, e))?,
+                    p.get(5).map_err(|e| sq(inner, e))?,
+                );
+                segs.read(no as u64, at as u64, len as usize, &mut buf).map_err(|message| StoreError::Other {
+                    path: inner.path.display().to_string(),
+                    message,
+                })?;
+                for (k, frame) in segments::decode(&buf).enumerate() {
+                    let seq = first + k as i64;
+                    let f = frame.map_err(|e| StoreError::Other {
+                        path: inner.path.display().to_string(),
+                        message: format!("journal segment {no} (page from seq {first}): {e}"),
+                    })?;
+                    if seq <= after {
+                        continue;
+                    }
+                    if seq > last {
+                        break;
+                    }
+                    if !batch.rows.is_empty() && bytes + f.body.len() + overhead > max_bytes {
+                        break 'pages; // this row starts the next batch
+                    }
+                    bytes += f.body.len() + overhead;
                     batch.rows.push(JournalRow {
                         seq,
-                        stream,
-                        id: r.get(2).map_err(|e| sq(inner, e))?,
-                        created: r.get(3).map_err(|e| sq(inner, e))?,
-                        body,
+                        stream: stream.clone(),
+                        id: f.id.to_string(),
+                        created: f.created,
+                        body: f.body.to_string(),
                     });
+                    batch.last_seq = seq;
+                    scanned += 1;
+                    if scanned >= limit {
+                        break 'pages;
+                    }
                 }
-                batch.last_seq = seq;
             }
             Ok(batch)
         })
@@ -591,9 +694,7 @@ impl Store {
     /// The highest `seq` ever journaled.
     pub async fn high_seq(&self) -> Result<i64, StoreError> {
         self.run(|inner, conn| {
-            conn.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0)", [], |r| {
-                r.get(0)
-            })
+            conn.query_row("SELECT high FROM journal_seq", [], |r| r.get(0))
             .map_err(|e| sq(inner, e))
         })
         .await
@@ -625,7 +726,7 @@ impl Store {
                 .map_err(|e| sq(inner, e))?;
                 let freed = trim_in(inner, &tx)?;
                 tx.commit().map_err(|e| sq(inner, e))?;
-                release(inner, freed);
+                release(inner, conn, freed);
                 Ok(())
             })
             .await;
@@ -800,7 +901,7 @@ impl Store {
             let schema_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(q)?;
             let (journal_records, journal_bytes): (i64, i64) = conn
                 .query_row(
-                    "SELECT count(*), coalesce(sum(coalesce(len, octet_length(body))), 0) FROM journal",
+                    "SELECT coalesce(sum(records), 0), coalesce(sum(body_bytes), 0) FROM journal_pages",
                     [],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
@@ -838,8 +939,7 @@ impl Store {
                     .optional()
                     .map_err(q)?
                     .unwrap_or((0, None, None));
-                let lag: i64 =
-                    conn.query_row("SELECT count(*) FROM journal WHERE seq > ?1", [seq], |r| r.get(0)).map_err(q)?;
+                let (lag, _) = lag(conn, seq).map_err(q)?;
                 let dead: i64 = conn
                     .query_row("SELECT count(*) FROM dead_letters WHERE sink = ?1", [&name], |r| r.get(0))
                     .map_err(q)?;
@@ -875,11 +975,7 @@ impl Store {
                     .optional()
                     .map_err(q)?
                     .unwrap_or(0);
-                let (lag_records, oldest_created): (i64, Option<i64>) = conn
-                    .query_row("SELECT count(*), min(created) FROM journal WHERE seq > ?1", [cursor], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })
-                    .map_err(q)?;
+                let (lag_records, oldest_created) = lag(conn, cursor).map_err(q)?;
                 let dead_letters: i64 = conn
                     .query_row("SELECT count(*) FROM dead_letters WHERE sink = ?1", [&name], |r| r.get(0))
                     .map_err(q)?;
@@ -899,12 +995,22 @@ impl Store {
     }
 }
 
+/// Records journaled after `seq` (all streams), and the oldest `createdAt`
+/// of their pages.
+fn lag(conn: &Connection, seq: i64) -> rusqlite::Result<(i64, Option<i64>)> {
+    conn.prepare_cached(
+        "SELECT coalesce(sum(min(records, first_seq + records - 1 - ?1)), 0), min(min_created)
+         FROM journal_pages WHERE first_seq + records - 1 > ?1",
+    )?
+    .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
 /// Delete journal rows every active sink has passed.
 fn trim(inner: &Inner, conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction().map_err(|e| sq(inner, e))?;
     let freed = trim_in(inner, &tx)?;
     tx.commit().map_err(|e| sq(inner, e))?;
-    release(inner, freed);
+    release(inner, conn, freed);
     Ok(())
 }
 
@@ -921,23 +1027,136 @@ fn trim_in(inner: &Inner, tx: &rusqlite::Transaction) -> Result<(u64, u64), Stor
         .and_then(|mut st| st.query_row(rusqlite::params_from_iter(sinks.iter()), |r| r.get(0)))
         .map_err(|e| sq(inner, e))?;
     let Some(min) = min else { return Ok((0, 0)) };
+    // Whole pages only: a page part-delivered stays until its last record is.
     let (n, bytes): (i64, i64) = tx
         .prepare_cached(
-            "SELECT count(*), coalesce(sum(coalesce(len, octet_length(body))), 0) FROM journal WHERE seq <= ?1",
+            "SELECT coalesce(sum(records), 0), coalesce(sum(body_bytes), 0) FROM journal_pages
+             WHERE first_seq + records - 1 <= ?1",
         )
         .and_then(|mut st| st.query_row([min], |r| Ok((r.get(0)?, r.get(1)?))))
         .map_err(|e| sq(inner, e))?;
     if n > 0 {
-        tx.prepare_cached("DELETE FROM journal WHERE seq <= ?1")
+        tx.prepare_cached("DELETE FROM journal_pages WHERE first_seq + records - 1 <= ?1")
             .and_then(|mut st| st.execute([min]))
             .map_err(|e| sq(inner, e))?;
     }
     Ok((n as u64, bytes as u64))
 }
 
-fn release(inner: &Inner, (records, bytes): (u64, u64)) {
+/// One page's new records, framed for a segment.
+#[derive(Default)]
+struct PageFrames {
+    bytes: Vec<u8>,
+    records: i64,
+    body_bytes: i64,
+    min_created: i64,
+}
+
+impl PageFrames {
+    fn push(&mut self, id: &str, created: i64, body: &str) {
+        segments::encode(&mut self.bytes, id, created, body);
+        self.min_created = if self.records == 0 { created } else { self.min_created.min(created) };
+        self.records += 1;
+        self.body_bytes += body.len() as i64;
+    }
+}
+
+/// Write a page's frames to the current segment (synced) and index them in
+/// `tx`, numbered from `first` or else after the highest `seq` so far.
+/// Returns where they went, to roll back if `tx` does not commit.
+fn append_page(
+    path: &Path,
+    tx: &rusqlite::Transaction,
+    segs: &mut Segments,
+    stream: &str,
+    page: &PageFrames,
+    first: Option<i64>,
+    idle: bool,
+) -> Result<(u64, u64), StoreError> {
+    let (no, at) =
+        segs.append(&page.bytes, idle).map_err(|message| StoreError::Other { path: path.display().to_string(), message })?;
+    let indexed = (|| {
+        let high: i64 = tx.prepare_cached("SELECT high FROM journal_seq")?.query_row([], |r| r.get(0))?;
+        let first = first.unwrap_or(high + 1);
+        tx.prepare_cached(
+            "INSERT INTO journal_pages(first_seq, records, stream, segment, offset, len, body_bytes, min_created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            first,
+            page.records,
+            stream,
+            no as i64,
+            at as i64,
+            page.bytes.len() as i64,
+            page.body_bytes,
+            page.min_created
+        ])?;
+        tx.prepare_cached("UPDATE journal_seq SET high = max(high, ?1)")?.execute([first + page.records - 1])?;
+        Ok(())
+    })();
+    if let Err(source) = indexed {
+        segs.rollback(no, at);
+        return Err(StoreError::Sqlite { path: path.display().to_string(), source });
+    }
+    Ok((no, at))
+}
+
+/// Move the per-record journal of schema versions 1–3 into segments, keeping
+/// every `seq` (the sinks' cursors refer to them).
+fn convert_old_journal(conn: &mut Connection, segs: &mut Segments, path: &Path) -> Result<(), StoreError> {
+    let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
+    loop {
+        let tx = conn.transaction().map_err(sq)?;
+        let rows: Vec<(i64, String, String, i64, String)> = tx
+            .prepare("SELECT seq, stream, id, created, body FROM journal ORDER BY seq LIMIT 10000")
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.collect()
+            })
+            .map_err(sq)?;
+        let Some(last) = rows.last().map(|r| r.0) else { return Ok(()) };
+        let mut i = 0;
+        while i < rows.len() {
+            let (first, stream) = (rows[i].0, &rows[i].1);
+            let mut page = PageFrames::default();
+            while i < rows.len()
+                && &rows[i].1 == stream
+                && rows[i].0 == first + page.records
+                && (page.records as usize) < CONVERT_PAGE
+            {
+                page.push(&rows[i].2, rows[i].3, &rows[i].4);
+                i += 1;
+            }
+            append_page(path, &tx, segs, stream, &page, Some(first), false)?;
+        }
+        tx.execute("DELETE FROM journal WHERE seq <= ?1", [last]).map_err(sq)?;
+        tx.commit().map_err(sq)?;
+        tracing::info!(db = %path.display(), through_seq = last, "Moved journaled records into segment files.");
+    }
+}
+
+fn read_only(inner: &Inner) -> StoreError {
+    StoreError::Other {
+        path: inner.path.display().to_string(),
+        message: "opened read-only: the journal cannot be read or written".into(),
+    }
+}
+
+/// After a trim committed: update the counters and delete the segments
+/// no page refers to any more.
+fn release(inner: &Inner, conn: &Connection, (records, bytes): (u64, u64)) {
     inner.journal_records.fetch_sub(records, Ordering::Relaxed);
     inner.journal_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    if records == 0 {
+        return;
+    }
+    if let Some(segs) = lock(&inner.segments).as_mut() {
+        match conn.query_row("SELECT min(segment) FROM journal_pages", [], |r| r.get::<_, Option<i64>>(0)) {
+            Ok(min) => segs.remove_before(min.map_or(segs.current(), |m| m as u64)),
+            // Retried at the next trim.
+            Err(e) => tracing::warn!(error = %sq(inner, e), "Cannot look up delivered journal segments."),
+        }
+    }
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
@@ -1036,6 +1255,84 @@ mod tests {
             let b = s.read_batch(2, Arc::from(vec!["u".to_string()]), 10, 1 << 20, 1).await.unwrap();
             assert_eq!(b.rows.len(), 1);
             assert_eq!(b.rows[0].seq, 3);
+        });
+    }
+
+    #[test]
+    fn a_version_3_journal_moves_into_segments_with_its_seqs() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("old.db");
+            let mut c = Connection::open(&p).unwrap();
+            let tx = c.transaction().unwrap();
+            for m in &MIGRATIONS[..3] {
+                tx.execute_batch(m).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 3).unwrap();
+            // seqs 1-2 delivered and trimmed; 3-5 user, 6 token, 8 user (7 trimmed by hand: a gap).
+            for (seq, stream) in [(1, "u"), (2, "u"), (3, "u"), (4, "u"), (5, "u"), (6, "t"), (7, "u"), (8, "u")] {
+                tx.execute(
+                    "INSERT INTO journal(seq, stream, id, created, body, len) VALUES (?1, ?2, ?3, ?1, ?4, 3)",
+                    params![seq, stream, format!("id{seq}"), format!("b{seq}x")],
+                )
+                .unwrap();
+            }
+            tx.execute("DELETE FROM journal WHERE seq IN (1, 2, 7)", []).unwrap();
+            tx.execute("INSERT INTO sink_cursors(sink, delivered_seq) VALUES ('a', 2)", []).unwrap();
+            tx.commit().unwrap();
+            drop(c);
+            let s = Store::open(&p).unwrap();
+            assert_eq!(s.backlog(), (5, 15));
+            let b = s.read_batch(2, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
+            let got: Vec<(i64, String, i64, String)> = b.rows.into_iter().map(|r| (r.seq, r.id, r.created, r.body)).collect();
+            let want: Vec<(i64, String, i64, String)> =
+                [3, 4, 5, 8].into_iter().map(|q| (q, format!("id{q}"), q, format!("b{q}x"))).collect();
+            assert_eq!(got, want);
+            assert_eq!(b.last_seq, 8);
+            assert_eq!(s.high_seq().await.unwrap(), 8);
+            // New pages continue after the old numbers.
+            s.ingest("u", vec![rec("new", 9)], (0, 0)).await.unwrap();
+            let b = s.read_batch(8, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
+            assert_eq!(b.rows[0].seq, 9);
+            let left: i64 = Connection::open(&p).unwrap().query_row("SELECT count(*) FROM journal", [], |r| r.get(0)).unwrap();
+            assert_eq!(left, 0);
+        });
+    }
+
+    #[test]
+    fn batches_split_pages_and_skip_other_streams() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(&dir.path().join("s.db")).unwrap();
+            s.register_sinks(vec!["a".into(), "b".into()]).await.unwrap();
+            let page = |p: &str, n: i64| (0..n).map(|i| rec(&format!("{p}{i}"), i)).collect::<Vec<_>>();
+            s.ingest("u", page("u", 5), (0, 0)).await.unwrap(); // seq 1-5
+            s.ingest("t", page("t", 4), (0, 0)).await.unwrap(); // seq 6-9
+            s.ingest("u", page("v", 3), (0, 0)).await.unwrap(); // seq 10-12
+            let u: Arc<[String]> = Arc::from(vec!["u".to_string()]);
+            let mut after = 0;
+            let mut seqs = Vec::new();
+            let mut lasts = Vec::new();
+            loop {
+                let b = s.read_batch(after, u.clone(), 2, usize::MAX, 1).await.unwrap();
+                if b.last_seq == after {
+                    break;
+                }
+                seqs.extend(b.rows.iter().map(|r| r.seq));
+                lasts.push(b.last_seq);
+                after = b.last_seq;
+            }
+            assert_eq!(seqs, vec![1, 2, 3, 4, 5, 10, 11, 12]);
+            assert_eq!(lasts, vec![2, 4, 6, 8, 10, 12], "other streams' records count against the limit");
+            // Trimming is by whole pages, and only past every sink.
+            s.commit_cursor("a", 12, None, 0).await.unwrap();
+            assert_eq!(s.backlog().0, 12);
+            s.commit_cursor("b", 7, None, 0).await.unwrap();
+            assert_eq!(s.backlog().0, 7);
+            s.commit_cursor("b", 9, None, 0).await.unwrap();
+            assert_eq!(s.backlog().0, 3);
+            let st = s.status(vec!["b".into()]).await.unwrap();
+            assert_eq!((st.journal_records, st.sinks[0].lag_records), (3, 3));
         });
     }
 

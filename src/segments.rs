@@ -1,0 +1,313 @@
+//! Journal segments: the bodies of journaled records, in append-only files
+//! beside the state database (`<db>.journal/<n>.seg`).
+//!
+//! SQLite keeps, per stored page, which segment and byte range holds its
+//! records (`journal_pages`); the bytes are written and fsynced here before
+//! that row commits. So a crash can leave bytes past the last committed
+//! page (an uncommitted tail, cut at the next start) but never a committed
+//! page without its bytes. Segments are deleted whole once every sink has
+//! passed every page in them.
+//!
+//! A frame is `id length (u32 LE) | body length (u32 LE) | createdAt ms
+//! (i64 LE) | id | body`: bodies are kept byte for byte as the API sent them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// A segment is closed once it holds this much.
+const SEGMENT_MAX: u64 = 64 << 20;
+/// When nothing is left to deliver, a segment this big is closed (and
+/// deleted) rather than grown, so delivered bytes do not linger.
+const SEGMENT_IDLE_MAX: u64 = 4 << 20;
+const HEADER: usize = 16;
+
+/// One record in a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub id: &'a str,
+    pub created: i64,
+    pub body: &'a str,
+}
+
+/// Append one frame to `buf`.
+pub fn encode(buf: &mut Vec<u8>, id: &str, created: i64, body: &str) {
+    buf.reserve(HEADER + id.len() + body.len());
+    buf.extend_from_slice(&(id.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&created.to_le_bytes());
+    buf.extend_from_slice(id.as_bytes());
+    buf.extend_from_slice(body.as_bytes());
+}
+
+/// The frames in `bytes`, in order; an error says what is wrong where.
+pub fn decode(bytes: &[u8]) -> impl Iterator<Item = Result<Frame<'_>, String>> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= bytes.len() {
+            return None;
+        }
+        let rest = &bytes[at..];
+        let frame = (|| {
+            if rest.len() < HEADER {
+                return Err(format!("truncated frame header at byte {at}"));
+            }
+            let n = |i: usize| u32::from_le_bytes(rest[i..i + 4].try_into().unwrap_or_default()) as usize;
+            let (id_len, body_len) = (n(0), n(4));
+            let created = i64::from_le_bytes(rest[8..16].try_into().unwrap_or_default());
+            let end = HEADER.checked_add(id_len).and_then(|v| v.checked_add(body_len)).filter(|&e| e <= rest.len());
+            let Some(end) = end else { return Err(format!("truncated frame at byte {at}")) };
+            let id = utf8(&rest[HEADER..HEADER + id_len], at)?;
+            let body = utf8(&rest[HEADER + id_len..end], at)?;
+            Ok((Frame { id, created, body }, end))
+        })();
+        Some(match frame {
+            Ok((f, len)) => {
+                at += len;
+                Ok(f)
+            }
+            Err(e) => {
+                at = bytes.len();
+                Err(e)
+            }
+        })
+    })
+}
+
+fn utf8(b: &[u8], at: usize) -> Result<&str, String> {
+    std::str::from_utf8(b).map_err(|_| format!("frame at byte {at} is not UTF-8"))
+}
+
+struct Writer {
+    no: u64,
+    file: File,
+    /// Bytes written and synced; the next frame goes here.
+    end: u64,
+}
+
+/// The segment files of one state database, open for writing (only by the
+/// process holding the writer lock).
+pub struct Segments {
+    dir: PathBuf,
+    writer: Writer,
+    /// Every segment file that exists, by number.
+    existing: BTreeSet<u64>,
+    readers: BTreeMap<u64, File>,
+}
+
+/// The directory of `db`'s segments.
+pub fn dir_for(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".journal");
+    PathBuf::from(p)
+}
+
+fn seg_path(dir: &Path, no: u64) -> PathBuf {
+    dir.join(format!("{no:016}.seg"))
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> String {
+    format!("journal segment {}: {e}", path.display())
+}
+
+impl Segments {
+    /// Open the segments in `dir`, given the committed end of every
+    /// segment that SQLite still references. The newest segment's
+    /// uncommitted tail is cut; segments no page references are deleted.
+    pub fn open(dir: &Path, committed: &BTreeMap<u64, u64>) -> Result<Segments, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        if !dir.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
+        }
+        let mut existing = BTreeSet::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))? {
+            let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+            let name = entry.file_name();
+            if let Some(no) = name.to_str().and_then(|n| n.strip_suffix(".seg")).and_then(|n| n.parse::<u64>().ok()) {
+                existing.insert(no);
+            }
+        }
+        for (&no, &end) in committed {
+            let path = seg_path(dir, no);
+            let len = std::fs::metadata(&path)
+                .map_err(|e| io_err(&path, format!("{e}; it holds records not yet delivered")))?
+                .len();
+            if len < end {
+                return Err(io_err(
+                    &path,
+                    format!("{len} bytes, but {end} were committed: the filesystem lost data"),
+                ));
+            }
+        }
+        let newest = existing.last().copied().max(committed.keys().last().copied()).unwrap_or(1);
+        let path = seg_path(dir, newest);
+        let file = open_rw(&path)?;
+        let end = committed.get(&newest).copied().unwrap_or(0);
+        let len = file.metadata().map_err(|e| io_err(&path, e))?.len();
+        if len > end {
+            // Bytes of a page whose transaction never committed: those
+            // records are fetched again, so these bytes must go.
+            file.set_len(end).and_then(|()| file.sync_all()).map_err(|e| io_err(&path, e))?;
+        }
+        existing.insert(newest);
+        let mut s = Segments { dir: dir.to_path_buf(), writer: Writer { no: newest, file, end }, existing, readers: BTreeMap::new() };
+        let unreferenced: Vec<u64> =
+            s.existing.iter().copied().filter(|n| *n != newest && !committed.contains_key(n)).collect();
+        for no in unreferenced {
+            s.remove(no);
+        }
+        Ok(s)
+    }
+
+    /// Append `bytes` (whole frames) and sync them; returns (segment, offset).
+    /// `idle` says nothing else is left to deliver. On error nothing is kept.
+    pub fn append(&mut self, bytes: &[u8], idle: bool) -> Result<(u64, u64), String> {
+        let w = &self.writer;
+        if w.end > 0 && (w.end >= SEGMENT_MAX || (idle && w.end >= SEGMENT_IDLE_MAX)) {
+            self.rotate()?;
+        }
+        let w = &mut self.writer;
+        let at = w.end;
+        let path = seg_path(&self.dir, w.no);
+        if let Err(e) = w.file.write_all_at(bytes, at).and_then(|()| w.file.sync_data()) {
+            let _ = w.file.set_len(at);
+            return Err(io_err(&path, e));
+        }
+        w.end = at + bytes.len() as u64;
+        Ok((w.no, at))
+    }
+
+    /// The page appended at (`no`, `at`) did not commit: forget its bytes.
+    pub fn rollback(&mut self, no: u64, at: u64) {
+        if self.writer.no == no && at < self.writer.end {
+            self.writer.end = at;
+            // If this fails, the next start cuts the tail anyway.
+            let _ = self.writer.file.set_len(at);
+        }
+    }
+
+    fn rotate(&mut self) -> Result<(), String> {
+        let no = self.writer.no + 1;
+        let path = seg_path(&self.dir, no);
+        let file = open_rw(&path)?;
+        // The new name must survive a crash before any page in it commits.
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io_err(&path, e))?;
+        self.existing.insert(no);
+        self.writer = Writer { no, file, end: 0 };
+        Ok(())
+    }
+
+    /// Read `len` bytes at `at` of segment `no` into `buf`.
+    pub fn read(&mut self, no: u64, at: u64, len: usize, buf: &mut Vec<u8>) -> Result<(), String> {
+        buf.clear();
+        buf.resize(len, 0);
+        let path = seg_path(&self.dir, no);
+        let file = if no == self.writer.no {
+            &self.writer.file
+        } else {
+            match self.readers.entry(no) {
+                std::collections::btree_map::Entry::Occupied(f) => f.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(File::open(&path).map_err(|e| io_err(&path, e))?)
+                }
+            }
+        };
+        file.read_exact_at(buf, at).map_err(|e| io_err(&path, format!("reading {len} bytes at {at}: {e}")))
+    }
+
+    /// Delete every segment before `no` (their pages are all delivered);
+    /// the one being written is kept.
+    pub fn remove_before(&mut self, no: u64) {
+        let old: Vec<u64> = self.existing.range(..no).copied().filter(|n| *n != self.writer.no).collect();
+        for n in old {
+            self.remove(n);
+        }
+    }
+
+    /// The segment being written.
+    pub fn current(&self) -> u64 {
+        self.writer.no
+    }
+
+    fn remove(&mut self, no: u64) {
+        self.readers.remove(&no);
+        let path = seg_path(&self.dir, no);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                self.existing.remove(&no);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.existing.remove(&no);
+            }
+            // Retried at the next trim; the bytes are only wasted space.
+            Err(e) => tracing::warn!(file = %path.display(), error = %e, "Cannot delete a delivered journal segment."),
+        }
+    }
+}
+
+fn open_rw(path: &Path) -> Result<File, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io_err(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_damage_is_reported() {
+        let mut buf = Vec::new();
+        encode(&mut buf, "a1", 5, r#"{"_id":"a1"}"#);
+        encode(&mut buf, "", -1, "");
+        let got: Vec<Frame> = decode(&buf).collect::<Result<_, _>>().unwrap();
+        assert_eq!(got, vec![Frame { id: "a1", created: 5, body: r#"{"_id":"a1"}"# }, Frame { id: "", created: -1, body: "" }]);
+        for cut in 1..buf.len() {
+            if cut == HEADER + 2 + 12 {
+                continue; // a whole first frame
+            }
+            let r: Result<Vec<Frame>, String> = decode(&buf[..cut]).collect();
+            assert!(r.is_err(), "cut at {cut} was accepted");
+        }
+    }
+
+    #[test]
+    fn uncommitted_tails_are_cut_and_delivered_segments_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("j");
+        let mut s = Segments::open(&d, &BTreeMap::new()).unwrap();
+        let (no, at) = s.append(b"hello", false).unwrap();
+        assert_eq!((no, at), (1, 0));
+        s.append(b"world", false).unwrap();
+        drop(s);
+        // Only "hello" committed: the reopen cuts "world".
+        let s = Segments::open(&d, &BTreeMap::from([(1, 5)])).unwrap();
+        assert_eq!(std::fs::metadata(seg_path(&d, 1)).unwrap().len(), 5);
+        drop(s);
+        // Committed bytes that are missing are an error naming the file.
+        let e = Segments::open(&d, &BTreeMap::from([(1, 9)])).err().unwrap();
+        assert!(e.contains("0000000000000001.seg") && e.contains("lost data"), "{e}");
+        // A full segment rotates; the old one goes once nothing references it.
+        let mut s = Segments::open(&d, &BTreeMap::from([(1, 5)])).unwrap();
+        s.writer.end = SEGMENT_MAX;
+        let (no, at) = s.append(b"x", false).unwrap();
+        assert_eq!((no, at), (2, 0));
+        let mut buf = Vec::new();
+        s.read(1, 0, 5, &mut buf).unwrap();
+        assert_eq!(buf, b"hello");
+        s.remove_before(2);
+        assert!(!seg_path(&d, 1).exists() && seg_path(&d, 2).exists());
+        assert!(s.read(1, 0, 5, &mut buf).unwrap_err().contains("0000000000000001.seg"));
+    }
+}
