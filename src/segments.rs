@@ -32,9 +32,14 @@ pub struct Frame<'a> {
     pub body: &'a str,
 }
 
+/// The bytes one frame takes.
+pub fn frame_len(id: &str, body: &str) -> usize {
+    HEADER + id.len() + body.len()
+}
+
 /// Append one frame to `buf`.
 pub fn encode(buf: &mut Vec<u8>, id: &str, created: i64, body: &str) {
-    buf.reserve(HEADER + id.len() + body.len());
+    buf.reserve(frame_len(id, body));
     buf.extend_from_slice(&(id.len() as u32).to_le_bytes());
     buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
     buf.extend_from_slice(&created.to_le_bytes());
@@ -139,10 +144,7 @@ impl Segments {
                 .map_err(|e| io_err(&path, format!("{e}; it holds records not yet delivered")))?
                 .len();
             if len < end {
-                return Err(io_err(
-                    &path,
-                    format!("{len} bytes, but {end} were committed: the filesystem lost data"),
-                ));
+                return Err(io_err(&path, format!("{len} bytes, but {end} were committed: the filesystem lost data")));
             }
         }
         let newest = existing.last().copied().max(committed.keys().last().copied()).unwrap_or(1);
@@ -156,7 +158,12 @@ impl Segments {
             file.set_len(end).and_then(|()| file.sync_all()).map_err(|e| io_err(&path, e))?;
         }
         existing.insert(newest);
-        let mut s = Segments { dir: dir.to_path_buf(), writer: Writer { no: newest, file, end }, existing, readers: BTreeMap::new() };
+        let mut s = Segments {
+            dir: dir.to_path_buf(),
+            writer: Writer { no: newest, file, end },
+            existing,
+            readers: BTreeMap::new(),
+        };
         let unreferenced: Vec<u64> =
             s.existing.iter().copied().filter(|n| *n != newest && !committed.contains_key(n)).collect();
         for no in unreferenced {
@@ -272,7 +279,10 @@ mod tests {
         encode(&mut buf, "a1", 5, r#"{"_id":"a1"}"#);
         encode(&mut buf, "", -1, "");
         let got: Vec<Frame> = decode(&buf).collect::<Result<_, _>>().unwrap();
-        assert_eq!(got, vec![Frame { id: "a1", created: 5, body: r#"{"_id":"a1"}"# }, Frame { id: "", created: -1, body: "" }]);
+        assert_eq!(
+            got,
+            vec![Frame { id: "a1", created: 5, body: r#"{"_id":"a1"}"# }, Frame { id: "", created: -1, body: "" }]
+        );
         for cut in 1..buf.len() {
             if cut == HEADER + 2 + 12 {
                 continue; // a whole first frame

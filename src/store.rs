@@ -3,8 +3,9 @@
 //!
 //! - `streams`: per stream the watermark (newest `createdAt` stored), the
 //!   end of the last completed window, and the last poll's outcome.
-//! - `seen`: ids already ingested, for dedup; pruned once no later poll can
-//!   return their record.
+//! - `seen`: ids already ingested, for dedup, per stream (`sid`, a small
+//!   number from `stream_keys`); pruned once no later poll can return their
+//!   record.
 //! - `journal_pages`: the journal, one row per stored page: its records'
 //!   `seq` range (numbers are never reused after a trim), stream, and where
 //!   in the segment files ([`crate::segments`]) their original JSON text is.
@@ -96,7 +97,19 @@ const MIGRATIONS: &[&str] = &[
         min_created INTEGER NOT NULL
      );
      CREATE TABLE journal_seq(one INTEGER PRIMARY KEY CHECK (one = 1), high INTEGER NOT NULL);
-     INSERT INTO journal_seq VALUES (1, coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0));",
+     INSERT INTO journal_seq VALUES (1, coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0));
+     CREATE TABLE stream_keys(sid INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+     INSERT INTO stream_keys(name) SELECT DISTINCT stream FROM seen;
+     CREATE TABLE seen_keyed(
+        sid INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        PRIMARY KEY(sid, id)
+     ) WITHOUT ROWID;
+     INSERT INTO seen_keyed SELECT k.sid, s.id, s.created FROM seen s JOIN stream_keys k ON k.name = s.stream;
+     DROP TABLE seen;
+     ALTER TABLE seen_keyed RENAME TO seen;
+     CREATE INDEX seen_by_created ON seen(sid, created);",
 ];
 
 /// Old per-record journal rows are converted into pages of at most this many.
@@ -333,10 +346,10 @@ impl Store {
         migrate(&mut conn, path)?;
         let segments = if writer {
             let mut committed = std::collections::BTreeMap::new();
-            let mut st = conn
-                .prepare("SELECT segment, max(offset + len) FROM journal_pages GROUP BY segment")
-                .map_err(sq)?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))).map_err(sq)?;
+            let mut st =
+                conn.prepare("SELECT segment, max(offset + len) FROM journal_pages GROUP BY segment").map_err(sq)?;
+            let rows =
+                st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))).map_err(sq)?;
             for row in rows {
                 let (no, end) = row.map_err(sq)?;
                 committed.insert(no, end);
@@ -460,35 +473,51 @@ impl Store {
         let stats = self
             .run(move |inner, conn| {
                 let mut stats = IngestStats::default();
-                let mut page = PageFrames::default();
+                let mut new = Vec::with_capacity(records.len());
                 let tx = conn.transaction().map_err(|e| sq(inner, e))?;
                 {
+                    tx.prepare_cached("INSERT OR IGNORE INTO stream_keys(name) VALUES (?1)")
+                        .and_then(|mut st| st.execute([&stream]))
+                        .map_err(|e| sq(inner, e))?;
+                    let sid: i64 = tx
+                        .prepare_cached("SELECT sid FROM stream_keys WHERE name = ?1")
+                        .and_then(|mut st| st.query_row([&stream], |r| r.get(0)))
+                        .map_err(|e| sq(inner, e))?;
                     let mut seen = tx
-                        .prepare_cached("INSERT OR IGNORE INTO seen(stream, id, created) VALUES (?1, ?2, ?3)")
+                        .prepare_cached("INSERT OR IGNORE INTO seen(sid, id, created) VALUES (?1, ?2, ?3)")
                         .map_err(|e| sq(inner, e))?;
                     for r in &records {
                         stats.max_created = Some(stats.max_created.map_or(r.created, |m| m.max(r.created)));
                         let early = r.created < from;
                         let key = if early { to } else { r.created };
-                        if seen.execute(params![stream, r.id, key]).map_err(|e| sq(inner, e))? == 1 {
-                            page.push(&r.id, r.created, &r.body);
+                        let is_new = seen.execute(params![sid, r.id, key]).map_err(|e| sq(inner, e))? == 1;
+                        new.push(is_new);
+                        if is_new {
                             stats.new += 1;
                         } else {
                             stats.duplicate += 1;
                             if early {
                                 // Served again out of its window: keep remembering it.
                                 tx.prepare_cached(
-                                    "UPDATE seen SET created = ?3 WHERE stream = ?1 AND id = ?2 AND created < ?3",
+                                    "UPDATE seen SET created = ?3 WHERE sid = ?1 AND id = ?2 AND created < ?3",
                                 )
-                                .and_then(|mut u| u.execute(params![stream, r.id, key]))
+                                .and_then(|mut u| u.execute(params![sid, r.id, key]))
                                 .map_err(|e| sq(inner, e))?;
                             }
                         }
                     }
                 }
-                if page.records == 0 {
+                if stats.new == 0 {
                     tx.commit().map_err(|e| sq(inner, e))?;
                     return Ok(stats);
+                }
+                // Frame the new records, freeing each body once copied: the
+                // page is held once, not twice.
+                let size =
+                    records.iter().zip(&new).filter(|(_, n)| **n).map(|(r, _)| segments::frame_len(&r.id, &r.body));
+                let mut page = PageFrames { bytes: Vec::with_capacity(size.sum()), ..PageFrames::default() };
+                for (r, _) in records.into_iter().zip(new).filter(|(_, n)| *n) {
+                    page.push(&r.id, r.created, &r.body);
                 }
                 let mut segs = lock(&inner.segments);
                 let segs = segs.as_mut().ok_or_else(|| read_only(inner))?;
@@ -542,8 +571,11 @@ impl Store {
                     Ok(Checkpoint { watermark: r.get(0)?, polled_until: r.get(1)? })
                 })
                 .map_err(|e| sq(inner, e))?;
-            tx.execute("DELETE FROM seen WHERE stream = ?1 AND created < ?2", params![stream, horizon(cp)])
-                .map_err(|e| sq(inner, e))?;
+            tx.execute(
+                "DELETE FROM seen WHERE sid = (SELECT sid FROM stream_keys WHERE name = ?1) AND created < ?2",
+                params![stream, horizon(cp)],
+            )
+            .map_err(|e| sq(inner, e))?;
             tx.commit().map_err(|e| sq(inner, e))?;
             Ok(cp)
         })
@@ -630,7 +662,8 @@ impl Store {
             let (mut bytes, mut scanned) = (0usize, 0usize);
             let mut buf = Vec::new();
             'pages: while let Some(p) = pages.next().map_err(|e| sq(inner, e))? {
-                let (first, records): (i64, i64) = (p.get(0).map_err(|e| sq(inner, e))?, p.get(1).map_err(|e| sq(inner, e))?);
+                let (first, records): (i64, i64) =
+                    (p.get(0).map_err(|e| sq(inner, e))?, p.get(1).map_err(|e| sq(inner, e))?);
                 let last = first + records - 1;
                 if last <= after {
                     continue;
@@ -652,10 +685,8 @@ impl Store {
                     p.get(4).map_err(|e| sq(inner, e))?,
                     p.get(5).map_err(|e| sq(inner, e))?,
                 );
-                segs.read(no as u64, at as u64, len as usize, &mut buf).map_err(|message| StoreError::Other {
-                    path: inner.path.display().to_string(),
-                    message,
-                })?;
+                segs.read(no as u64, at as u64, len as usize, &mut buf)
+                    .map_err(|message| StoreError::Other { path: inner.path.display().to_string(), message })?;
                 for (k, frame) in segments::decode(&buf).enumerate() {
                     let seq = first + k as i64;
                     let f = frame.map_err(|e| StoreError::Other {
@@ -694,8 +725,7 @@ impl Store {
     /// The highest `seq` ever journaled.
     pub async fn high_seq(&self) -> Result<i64, StoreError> {
         self.run(|inner, conn| {
-            conn.query_row("SELECT high FROM journal_seq", [], |r| r.get(0))
-            .map_err(|e| sq(inner, e))
+            conn.query_row("SELECT high FROM journal_seq", [], |r| r.get(0)).map_err(|e| sq(inner, e))
         })
         .await
     }
@@ -885,7 +915,7 @@ impl Store {
             )
             .map_err(|e| sq(inner, e))?;
             tx.execute(
-                "DELETE FROM seen WHERE stream = ?1 AND created >= ?2",
+                "DELETE FROM seen WHERE sid = (SELECT sid FROM stream_keys WHERE name = ?1) AND created >= ?2",
                 params![stream, since.unwrap_or(i64::MIN)],
             )
             .map_err(|e| sq(inner, e))?;
@@ -1073,8 +1103,9 @@ fn append_page(
     first: Option<i64>,
     idle: bool,
 ) -> Result<(u64, u64), StoreError> {
-    let (no, at) =
-        segs.append(&page.bytes, idle).map_err(|message| StoreError::Other { path: path.display().to_string(), message })?;
+    let (no, at) = segs
+        .append(&page.bytes, idle)
+        .map_err(|message| StoreError::Other { path: path.display().to_string(), message })?;
     let indexed = (|| {
         let high: i64 = tx.prepare_cached("SELECT high FROM journal_seq")?.query_row([], |r| r.get(0))?;
         let first = first.unwrap_or(high + 1);
@@ -1279,22 +1310,29 @@ mod tests {
             }
             tx.execute("DELETE FROM journal WHERE seq IN (1, 2, 7)", []).unwrap();
             tx.execute("INSERT INTO sink_cursors(sink, delivered_seq) VALUES ('a', 2)", []).unwrap();
+            tx.execute("INSERT INTO seen(stream, id, created) VALUES ('u', 'id3', 3), ('t', 'id6', 6)", []).unwrap();
             tx.commit().unwrap();
             drop(c);
             let s = Store::open(&p).unwrap();
             assert_eq!(s.backlog(), (5, 15));
             let b = s.read_batch(2, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
-            let got: Vec<(i64, String, i64, String)> = b.rows.into_iter().map(|r| (r.seq, r.id, r.created, r.body)).collect();
+            let got: Vec<(i64, String, i64, String)> =
+                b.rows.into_iter().map(|r| (r.seq, r.id, r.created, r.body)).collect();
             let want: Vec<(i64, String, i64, String)> =
                 [3, 4, 5, 8].into_iter().map(|q| (q, format!("id{q}"), q, format!("b{q}x"))).collect();
             assert_eq!(got, want);
             assert_eq!(b.last_seq, 8);
             assert_eq!(s.high_seq().await.unwrap(), 8);
-            // New pages continue after the old numbers.
-            s.ingest("u", vec![rec("new", 9)], (0, 0)).await.unwrap();
+            // The seen ids moved too, per stream; new pages continue after the old numbers.
+            let st = s.ingest("u", vec![rec("id3", 3), rec("id6", 6), rec("new", 9)], (0, 0)).await.unwrap();
+            assert_eq!((st.new, st.duplicate), (2, 1));
             let b = s.read_batch(8, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
-            assert_eq!(b.rows[0].seq, 9);
-            let left: i64 = Connection::open(&p).unwrap().query_row("SELECT count(*) FROM journal", [], |r| r.get(0)).unwrap();
+            assert_eq!(
+                b.rows.iter().map(|r| (r.seq, r.id.as_str())).collect::<Vec<_>>(),
+                vec![(9, "id6"), (10, "new")]
+            );
+            let left: i64 =
+                Connection::open(&p).unwrap().query_row("SELECT count(*) FROM journal", [], |r| r.get(0)).unwrap();
             assert_eq!(left, 0);
         });
     }
