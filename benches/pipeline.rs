@@ -299,12 +299,25 @@ fn micro() -> Vec<(String, f64)> {
     let parsed: Vec<_> = pages.iter().map(|b| parse_page(b, CountMeaning::Total).unwrap().records).collect();
     let mut it = parsed.into_iter();
     out.push((
-        "ingest a 1000-record page into SQLite (one transaction, fsync)".to_string(),
+        "store a 1000-record page (segment append + fsync, SQLite transaction + fsync)".to_string(),
         time(
             18,
             Box::new(|_| {
                 let recs = it.next().unwrap();
                 rt.block_on(store.ingest("user_activity", recs, (0, i64::MAX))).unwrap();
+            }),
+        ),
+    ));
+    let streams: std::sync::Arc<[String]> = std::sync::Arc::from(vec!["user_activity".to_string()]);
+    let mut after = 0;
+    out.push((
+        "read a 1000-record batch back from the journal".to_string(),
+        time(
+            15,
+            Box::new(|_| {
+                let b = rt.block_on(store.read_batch(after, streams.clone(), 1000, 64 << 20, 1)).unwrap();
+                assert_eq!(b.rows.len(), 1000);
+                after = b.last_seq;
             }),
         ),
     ));

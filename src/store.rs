@@ -108,9 +108,14 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;
      INSERT INTO seen_keyed SELECT k.sid, s.id, s.created FROM seen s JOIN stream_keys k ON k.name = s.stream;
      DROP TABLE seen;
-     ALTER TABLE seen_keyed RENAME TO seen;
-     CREATE INDEX seen_by_created ON seen(sid, created);",
+     ALTER TABLE seen_keyed RENAME TO seen;",
 ];
+
+/// `seen` has no index by `createdAt` (it would double the cost of every
+/// insert), so pruning scans the stream's ids; it runs when the horizon
+/// has moved this far (ms) since the last prune, and at the first window
+/// after start. Keeping ids longer than needed is always safe.
+const PRUNE_STEP: i64 = 10 * 60_000;
 
 /// Old per-record journal rows are converted into pages of at most this many.
 const CONVERT_PAGE: usize = 1000;
@@ -238,6 +243,8 @@ struct Inner {
     segments: Mutex<Option<Segments>>,
     journal_records: AtomicU64,
     journal_bytes: AtomicU64,
+    /// Per stream, the horizon of the last prune of `seen`.
+    pruned: Mutex<std::collections::HashMap<String, i64>>,
     /// Sinks whose cursors hold back journal trimming.
     active_sinks: Mutex<Vec<String>>,
     /// Woken when the journal grows.
@@ -371,6 +378,7 @@ impl Store {
                 path: path.to_path_buf(),
                 conn: Mutex::new(conn),
                 segments: Mutex::new(segments),
+                pruned: Mutex::new(std::collections::HashMap::new()),
                 journal_records: AtomicU64::new(records as u64),
                 journal_bytes: AtomicU64::new(bytes as u64),
                 active_sinks: Mutex::new(Vec::new()),
@@ -571,12 +579,20 @@ impl Store {
                     Ok(Checkpoint { watermark: r.get(0)?, polled_until: r.get(1)? })
                 })
                 .map_err(|e| sq(inner, e))?;
-            tx.execute(
-                "DELETE FROM seen WHERE sid = (SELECT sid FROM stream_keys WHERE name = ?1) AND created < ?2",
-                params![stream, horizon(cp)],
-            )
-            .map_err(|e| sq(inner, e))?;
+            let horizon = horizon(cp);
+            let mut pruned = lock(&inner.pruned);
+            let due = pruned.get(&stream).is_none_or(|last| horizon >= last + PRUNE_STEP);
+            if due {
+                tx.execute(
+                    "DELETE FROM seen WHERE sid = (SELECT sid FROM stream_keys WHERE name = ?1) AND created < ?2",
+                    params![stream, horizon],
+                )
+                .map_err(|e| sq(inner, e))?;
+            }
             tx.commit().map_err(|e| sq(inner, e))?;
+            if due {
+                pruned.insert(stream, horizon);
+            }
             Ok(cp)
         })
         .await
@@ -1334,6 +1350,28 @@ mod tests {
             let left: i64 =
                 Connection::open(&p).unwrap().query_row("SELECT count(*) FROM journal", [], |r| r.get(0)).unwrap();
             assert_eq!(left, 0);
+        });
+    }
+
+    #[test]
+    fn seen_ids_are_pruned_past_the_horizon_in_steps() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(&dir.path().join("s.db")).unwrap();
+            let ids = |from: i64, to: i64| (from..to).map(|i| rec(&format!("i{i}"), i * 60_000)).collect::<Vec<_>>();
+            s.ingest("u", ids(0, 40), (0, i64::MAX)).await.unwrap();
+            s.ingest("t", ids(0, 40), (0, i64::MAX)).await.unwrap();
+            let new = |r: IngestStats| r.new;
+            // First window: prunes below minute 10, of this stream only.
+            s.complete_window("u", None, 0, 0, |_| 10 * 60_000).await.unwrap();
+            assert_eq!(new(s.ingest("u", ids(0, 40), (0, i64::MAX)).await.unwrap()), 10);
+            assert_eq!(new(s.ingest("t", ids(0, 40), (0, i64::MAX)).await.unwrap()), 0);
+            // The horizon moved less than a step: nothing is pruned yet.
+            s.complete_window("u", None, 0, 0, |_| 15 * 60_000).await.unwrap();
+            assert_eq!(new(s.ingest("u", ids(0, 40), (0, i64::MAX)).await.unwrap()), 0);
+            // A whole step: everything below the new horizon goes.
+            s.complete_window("u", None, 0, 0, |_| 10 * 60_000 + PRUNE_STEP).await.unwrap();
+            assert_eq!(new(s.ingest("u", ids(0, 40), (0, i64::MAX)).await.unwrap()), 20);
         });
     }
 
