@@ -116,22 +116,129 @@ fn parse_record(raw: &RawValue) -> Result<Record, String> {
     if !text.starts_with('{') {
         return Err(format!("not a JSON object: {}", snippet(text.as_bytes())));
     }
-    let head: Head = serde_json::from_str(text).map_err(|e| format!("unreadable record ({e})"))?;
-    let id: String = head
-        .id
-        .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
-        .ok_or("\"_id\" is missing or not a string")?;
+    let (id, created) = match scan_head(text) {
+        Some(found) => found,
+        None => {
+            let head: Head = serde_json::from_str(text).map_err(|e| format!("unreadable record ({e})"))?;
+            (head.id.map(RawValue::get), head.created.map(RawValue::get))
+        }
+    };
+    let id: String = id.and_then(json_str).ok_or("\"_id\" is missing or not a string")?.into_owned();
     if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
         return Err(format!("\"_id\" {:?} is empty, too long or holds control characters", truncate(&id, 40)));
     }
-    let created_text: String = head
-        .created
-        .and_then(|r| serde_json::from_str::<String>(r.get()).ok())
-        .ok_or_else(|| format!("record {id}: \"createdAt\" is missing or not a string"))?;
+    let created_text =
+        created.and_then(json_str).ok_or_else(|| format!("record {id}: \"createdAt\" is missing or not a string"))?;
     let created = parse_timestamp(&created_text).ok_or_else(|| {
         format!("record {id}: \"createdAt\" {:?} is not an ISO-8601 timestamp", truncate(&created_text, 40))
     })?;
     Ok(Record { id, created, body: text.to_string() })
+}
+
+/// The text of a JSON string value (borrowed when it has no escapes).
+fn json_str(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(std::borrow::Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(raw).ok().map(std::borrow::Cow::Owned)
+}
+
+/// The raw values of the top-level `_id` and `createdAt` of a record,
+/// found without deserializing it. The text must be one JSON object that
+/// has already been validated (the page's first pass did). `None` when a
+/// key is escaped or repeated, or anything looks off: the caller then
+/// deserializes the record, which decides exactly as before.
+fn scan_head<'a>(text: &'a str) -> Option<(Option<&'a str>, Option<&'a str>)> {
+    let b = text.as_bytes();
+    let ws = |mut i: usize| {
+        while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\n' | b'\r') {
+            i += 1;
+        }
+        i
+    };
+    // The end of the string starting at `i` (a quote), after its closing quote.
+    let string_end = |mut i: usize| -> Option<usize> {
+        i += 1;
+        loop {
+            i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
+            if b[i] == b'"' {
+                return Some(i + 1);
+            }
+            i += 2;
+        }
+    };
+    let value_end = |mut i: usize| -> Option<usize> {
+        match *b.get(i)? {
+            b'"' => string_end(i),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match *b.get(i)? {
+                        b'"' => {
+                            i = string_end(i)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Some(i + 1);
+                            }
+                        }
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            }
+            _ => {
+                while i < b.len() && !matches!(b[i], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                    i += 1;
+                }
+                Some(i)
+            }
+        }
+    };
+    let (mut id, mut created) = (None, None);
+    let mut i = ws(1);
+    if b.get(i) == Some(&b'}') {
+        return Some((None, None));
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = string_end(i)?;
+        let key = &b[i + 1..key_end - 1];
+        if key.contains(&b'\\') {
+            return None;
+        }
+        i = ws(key_end);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = ws(i + 1);
+        let end = value_end(start)?;
+        let slot = match key {
+            b"_id" => &mut id,
+            b"createdAt" => &mut created,
+            _ => &mut None,
+        };
+        if slot.is_some() {
+            return None; // a repeated key: let serde reject it
+        }
+        *slot = Some(text.get(start..end)?);
+        i = ws(end);
+        match b.get(i) {
+            Some(b',') => i = ws(i + 1),
+            Some(b'}') => {
+                // `null` reads as absent, as it does for serde's `Option`.
+                let some = |v: Option<&'a str>| v.filter(|v| *v != "null");
+                return (ws(i + 1) == b.len()).then_some((some(id), some(created)));
+            }
+            _ => return None,
+        }
+    }
 }
 
 /// The first bytes of a body, printable, for error messages.
@@ -185,6 +292,31 @@ mod tests {
         }
         let e = parse_page(format!(r#"{{"count":2,"data":[{REC}]}}"#).as_bytes(), CountMeaning::Returned).unwrap_err();
         assert!(e.contains("holds 1"), "{e}");
+    }
+
+    #[test]
+    fn the_head_scanner_agrees_with_serde() {
+        let cases = [
+            REC,
+            r#"{}"#,
+            r#" { "a" : [1, {"_id": "inner"}, "x\"y"] , "_id" : "o\u0041" , "createdAt":"t" } "#,
+            r#"{"createdAt":null,"_id":5,"n":-1.5e3,"t":true,"z":{"createdAt":"no"}}"#,
+            r#"{"_\u0069d":"escaped key"}"#,
+            r#"{"_id":"a","_id":"b"}"#,
+            r#"{"s":"a\\","_id":"after an escaped backslash"}"#,
+        ];
+        for text in cases {
+            let serde: Result<Head, _> = serde_json::from_str(text);
+            match scan_head(text) {
+                Some((id, created)) => {
+                    let head = serde.unwrap_or_else(|e| panic!("{text}: scanner accepted, serde: {e}"));
+                    assert_eq!(id, head.id.map(RawValue::get), "{text}");
+                    assert_eq!(created, head.created.map(RawValue::get), "{text}");
+                }
+                // Unsure: serde decides (escaped or repeated keys).
+                None => assert!(text.contains("\\u0069") || text.matches("\"_id\"").count() > 1, "{text}"),
+            }
+        }
     }
 
     #[test]
