@@ -129,6 +129,9 @@ impl Segments {
                 .mode(0o700)
                 .create(dir)
                 .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
         }
         let mut existing = BTreeSet::new();
         for entry in std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))? {
@@ -141,7 +144,16 @@ impl Segments {
         for (&no, &end) in committed {
             let path = seg_path(dir, no);
             let len = std::fs::metadata(&path)
-                .map_err(|e| io_err(&path, format!("{e}; it holds records not yet delivered")))?
+                .map_err(|e| {
+                    io_err(
+                        &path,
+                        format!(
+                            "{e}; it holds records not yet delivered. A state database must be kept (backed up, \
+                             moved, restored) together with its {} directory",
+                            dir.display()
+                        ),
+                    )
+                })?
                 .len();
             if len < end {
                 return Err(io_err(&path, format!("{len} bytes, but {end} were committed: the filesystem lost data")));
@@ -157,6 +169,8 @@ impl Segments {
             // records are fetched again, so these bytes must go.
             file.set_len(end).and_then(|()| file.sync_all()).map_err(|e| io_err(&path, e))?;
         }
+        // The segment's name must be durable before any page in it commits.
+        sync_dir(dir)?;
         existing.insert(newest);
         let mut s = Segments {
             dir: dir.to_path_buf(),
@@ -204,7 +218,7 @@ impl Segments {
         let path = seg_path(&self.dir, no);
         let file = open_rw(&path)?;
         // The new name must survive a crash before any page in it commits.
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io_err(&path, e))?;
+        sync_dir(&self.dir)?;
         self.existing.insert(no);
         self.writer = Writer { no, file, end: 0 };
         Ok(())
@@ -256,6 +270,10 @@ impl Segments {
             Err(e) => tracing::warn!(file = %path.display(), error = %e, "Cannot delete a delivered journal segment."),
         }
     }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), String> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("cannot sync directory {}: {e}", dir.display()))
 }
 
 fn open_rw(path: &Path) -> Result<File, String> {
@@ -319,5 +337,9 @@ mod tests {
         s.remove_before(2);
         assert!(!seg_path(&d, 1).exists() && seg_path(&d, 2).exists());
         assert!(s.read(1, 0, 5, &mut buf).unwrap_err().contains("0000000000000001.seg"));
+        drop(s);
+        // A database restored without its segments says which file is missing and why it matters.
+        let e = Segments::open(&d, &BTreeMap::from([(1, 5)])).err().unwrap();
+        assert!(e.contains("0000000000000001.seg") && e.contains("not yet delivered"), "{e}");
     }
 }
