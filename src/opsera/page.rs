@@ -68,8 +68,10 @@ const MAX_ID_LEN: usize = 128;
 /// Parse a response body. Errors say what was wrong, without the URL (the caller adds it).
 pub fn parse_page(body: &[u8], meaning: CountMeaning) -> Result<Page, String> {
     // Fast path: one pass splits `data` into its records' raw text.
-    let (count, items) = match serde_json::from_slice::<FastEnvelope>(body) {
-        Ok(FastEnvelope { count, data: Some(items) }) => (count, items),
+    // Validating UTF-8 once up front lets serde_json skip it per record.
+    let fast = std::str::from_utf8(body).ok().and_then(|text| serde_json::from_str::<FastEnvelope>(text).ok());
+    let (count, items) = match fast {
+        Some(FastEnvelope { count, data: Some(items) }) => (count, items),
         // Anything else takes the slow path, for a precise message.
         _ => {
             let env: Envelope = serde_json::from_slice(body).map_err(|e| {
