@@ -695,7 +695,7 @@ impl Store {
                 if !streams.contains(&stream) {
                     // Not this sink's: pass over the page's records unread.
                     let from = after.max(first - 1).max(batch.last_seq);
-                    let n = ((last - from) as usize).min(limit - scanned);
+                    let n = (last.saturating_sub(from).max(0) as usize).min(limit - scanned);
                     batch.last_seq = from + n as i64;
                     scanned += n;
                     if scanned >= limit {
@@ -710,17 +710,20 @@ impl Store {
                 );
                 segs.read(no as u64, at as u64, len as usize, &mut buf)
                     .map_err(|message| StoreError::Other { path: inner.path.display().to_string(), message })?;
-                for (k, frame) in segments::decode(&buf).enumerate() {
-                    let seq = first + k as i64;
-                    let f = frame.map_err(|e| StoreError::Other {
-                        path: inner.path.display().to_string(),
-                        message: format!("journal segment {no} (page from seq {first}): {e}"),
-                    })?;
+                let damaged = |what: String| StoreError::Other {
+                    path: inner.path.display().to_string(),
+                    message: format!("journal segment {no} (page from seq {first}): {what}"),
+                };
+                let mut frames = 0i64;
+                for frame in segments::decode(&buf) {
+                    let seq = first + frames;
+                    frames += 1;
+                    let f = frame.map_err(damaged)?;
                     if seq <= after {
                         continue;
                     }
                     if seq > last {
-                        break;
+                        return Err(damaged(format!("more than the {records} records it should hold")));
                     }
                     if !batch.rows.is_empty() && bytes + f.body.len() + overhead > max_bytes {
                         break 'pages; // this row starts the next batch
@@ -738,6 +741,10 @@ impl Store {
                     if scanned >= limit {
                         break 'pages;
                     }
+                }
+                if frames != records {
+                    // Never skip silently past records that cannot be read.
+                    return Err(damaged(format!("{frames} records where {records} should be")));
                 }
             }
             Ok(batch)
@@ -1357,6 +1364,31 @@ mod tests {
             let left: i64 =
                 Connection::open(&p).unwrap().query_row("SELECT count(*) FROM journal", [], |r| r.get(0)).unwrap();
             assert_eq!(left, 0);
+        });
+    }
+
+    #[test]
+    fn a_damaged_journal_page_is_an_error_not_a_skip() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("s.db");
+            let s = Store::open(&p).unwrap();
+            s.ingest("u", (0..5).map(|i| rec(&format!("r{i}"), i)).collect(), (0, 0)).await.unwrap();
+            let u: Arc<[String]> = Arc::from(vec!["u".to_string()]);
+            Connection::open(&p).unwrap().execute("UPDATE journal_pages SET records = 6", []).unwrap();
+            let e = s.read_batch(0, u.clone(), 100, usize::MAX, 1).await.unwrap_err().to_string();
+            assert!(e.contains("5 records where 6 should be") && e.contains("s.db"), "{e}");
+            Connection::open(&p).unwrap().execute("UPDATE journal_pages SET records = 4", []).unwrap();
+            let e = s.read_batch(0, u.clone(), 100, usize::MAX, 1).await.unwrap_err().to_string();
+            assert!(e.contains("more than the 4 records"), "{e}");
+            // Bytes overwritten on disk: the frame that no longer parses is named.
+            Connection::open(&p).unwrap().execute("UPDATE journal_pages SET records = 5", []).unwrap();
+            let seg = segments::dir_for(&p).join("0000000000000001.seg");
+            let mut bytes = std::fs::read(&seg).unwrap();
+            bytes[4] = 0xff;
+            std::fs::write(&seg, bytes).unwrap();
+            let e = s.read_batch(0, u, 100, usize::MAX, 1).await.unwrap_err().to_string();
+            assert!(e.contains("truncated frame at byte 0"), "{e}");
         });
     }
 
