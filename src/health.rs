@@ -4,8 +4,9 @@
 //! - Alive: no loop has been busy in one step for longer than the stall
 //!   limit (a wedged loop), and no loop has exited unexpectedly. Waiting
 //!   (between polls, for new records, in a retry backoff) is not a stall.
-//! - Ready: every enabled stream completed a poll within 3 × its interval,
-//!   and none of them last failed on a rejected token.
+//! - Ready: every enabled stream completed a poll, or stored a page of a
+//!   poll still under way (a long backfill), within 3 × its interval, and
+//!   none of them last failed on a rejected token.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -24,6 +25,8 @@ struct LoopState {
 struct StreamState {
     interval: Duration,
     last_success: Option<Instant>,
+    /// A page of the poll under way was stored (cleared when a poll fails).
+    last_progress: Option<Instant>,
     last_error: Option<String>,
     auth_failed: bool,
 }
@@ -50,7 +53,7 @@ impl Health {
     pub fn register_stream(&self, name: &str, interval: Duration) {
         lock(&self.streams).insert(
             name.to_string(),
-            StreamState { interval, last_success: None, last_error: None, auth_failed: false },
+            StreamState { interval, last_success: None, last_progress: None, last_error: None, auth_failed: false },
         );
     }
 
@@ -77,8 +80,16 @@ impl Health {
         }
     }
 
+    /// A page of the poll under way was stored.
+    pub fn poll_progress(&self, stream: &str) {
+        if let Some(s) = lock(&self.streams).get_mut(stream) {
+            s.last_progress = Some(Instant::now());
+        }
+    }
+
     pub fn poll_failed(&self, stream: &str, error: &str, auth: bool) {
         if let Some(s) = lock(&self.streams).get_mut(stream) {
+            s.last_progress = None;
             s.last_error = Some(error.to_string());
             s.auth_failed = auth;
         }
@@ -124,8 +135,8 @@ impl Health {
                 ));
                 continue;
             }
-            let fresh = s.last_success.is_some_and(|t| now.duration_since(t) <= s.interval * 3);
-            if !fresh {
+            let recent = |t: Option<Instant>| t.is_some_and(|t| now.duration_since(t) <= s.interval * 3);
+            if !recent(s.last_success) && !recent(s.last_progress) {
                 let why = match (&s.last_success, &s.last_error) {
                     (None, None) => "first poll not completed yet".to_string(),
                     (_, Some(e)) => format!("no successful poll within 3 intervals; last error: {e}"),
@@ -153,6 +164,11 @@ mod tests {
         let h = Health::default();
         h.register_stream("user_activity", Duration::from_secs(60));
         assert!(h.ready().unwrap_err()[0].contains("first poll not completed"));
+        // A first backfill that is storing pages is ready; one that fails is not.
+        h.poll_progress("user_activity");
+        assert_eq!(h.ready(), Ok(()));
+        h.poll_failed("user_activity", "HTTP 503", false);
+        assert!(h.ready().unwrap_err()[0].contains("HTTP 503"));
         h.poll_failed("user_activity", "HTTP 401", true);
         assert!(h.ready().unwrap_err()[0].contains("token rejected"));
         h.poll_ok("user_activity");

@@ -318,6 +318,7 @@ impl Poller {
         warn_out_of_window(&records, from, to, now);
         let n = records.len() as u64;
         let st = self.store.ingest(&self.stream.name, records, (from, to)).await?;
+        crate::health::Health::get().poll_progress(&self.stream.name);
         let m = crate::metrics::get();
         let label = crate::metrics::stream(&self.stream.name);
         m.records_fetched.get_or_create(&label).inc_by(n);

@@ -13,6 +13,38 @@ fn spawn_run(cfg: &Path, env: &[(&str, &str)]) -> tokio::process::Child {
     spawn_daemon(cfg, env, None)
 }
 
+/// A first backfill that keeps storing pages is ready long before its poll completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_first_backfill_is_ready_while_it_stores_pages() {
+    use opsera_shipper::simulator::Fault;
+    let h = Harness::new(opts(3_000, 0)).await;
+    for _ in 0..40 {
+        h.sim.push_fault(Fault::Delay(Duration::from_millis(300)));
+    }
+    let port = free_port();
+    let cfg = h.config(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[streams.user_activity]\ninterval = \"1s\"\npage_size = 100\n\
+         [streams.token_activity]\nenabled = false\n"
+    ));
+    let daemon = spawn_run(&cfg, &[]);
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    let mut seen = None;
+    while h.sim.requests() < 25 {
+        let (code, body) = http_get(&url).await;
+        if code == 200 {
+            seen = Some(h.sim.requests());
+            break;
+        }
+        assert!(body.contains("first poll not completed") || body.is_empty(), "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let at = seen.expect("/readyz stayed 503 through the first 25 pages of the backfill");
+    assert!(h.lines_so_far().len() < 3_000, "the backfill had finished (ready after {at} requests)");
+    wait_until("the backfill is delivered", || h.lines_so_far().len() >= 3_000).await;
+    assert_eq!(sigterm(daemon).await, Some(0));
+    h.assert_exactly_once();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_endpoints_report_health_readiness_and_metrics() {
     let h = Harness::new(opts(500, 50)).await;
