@@ -5,8 +5,9 @@
 //!  Opsera API ──HTTP──▶ poller (one task per stream)        poller.rs, window.rs, opsera/
 //!                          │  window = [min(watermark, last end) - overlap, last whole minute], paged
 //!                          ▼
-//!                    store (SQLite, WAL)                     store.rs
-//!                          │  one transaction per page: seen ids (dedup) + journal rows;
+//!                    store (SQLite, WAL)                     store.rs, segments.rs
+//!                          │  per page: bodies appended to a segment file (fsynced), then
+//!                          │  one transaction: seen ids (dedup) + the page's journal row;
 //!                          │  the watermark moves once a whole window is stored
 //!                          ▼
 //!                    dispatcher (one task per sink)          dispatch.rs

@@ -1065,7 +1065,7 @@ fn lag(conn: &Connection, seq: i64) -> rusqlite::Result<(i64, Option<i64>)> {
     .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
-/// Delete journal rows every active sink has passed.
+/// Delete the journal pages every active sink has passed.
 fn trim(inner: &Inner, conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction().map_err(|e| sq(inner, e))?;
     let freed = trim_in(inner, &tx)?;
@@ -1074,7 +1074,7 @@ fn trim(inner: &Inner, conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Delete the journal rows every active sink has delivered, inside `tx`;
+/// Delete the journal pages every active sink has delivered, inside `tx`;
 /// returns the (records, bytes) freed, to `release` once `tx` commits.
 fn trim_in(inner: &Inner, tx: &rusqlite::Transaction) -> Result<(u64, u64), StoreError> {
     let sinks = lock(&inner.active_sinks).clone();
