@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// A segment is closed once it holds this much.
@@ -277,14 +277,7 @@ fn sync_dir(dir: &Path) -> Result<(), String> {
 }
 
 fn open_rw(path: &Path) -> Result<File, String> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| io_err(path, e))
+    crate::store::open_private(path).map_err(|e| io_err(path, e))
 }
 
 #[cfg(test)]

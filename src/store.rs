@@ -265,7 +265,6 @@ impl WriterLock {
     /// Take the lock beside `db` (`<db>.lock`), or say who holds it.
     pub fn acquire(db: &Path) -> Result<WriterLock, StoreError> {
         use std::io::{Read, Seek, Write};
-        use std::os::unix::fs::OpenOptionsExt;
         use std::os::unix::io::AsRawFd;
         let mut path = db.as_os_str().to_owned();
         path.push(".lock");
@@ -274,14 +273,8 @@ impl WriterLock {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             create_private_dir(dir).map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
         }
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| err(format!("cannot open lock file {}: {e}", path.display())))?;
+        let mut file =
+            open_private(&path).map_err(|e| err(format!("cannot open lock file {}: {e}", path.display())))?;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let mut holder = String::new();
@@ -326,7 +319,7 @@ impl Store {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             create_private_dir(dir).map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
         }
-        create_private_file(path).map_err(|e| err(format!("cannot create the file: {e}")))?;
+        open_private(path).map_err(|e| err(format!("cannot create the file: {e}")))?;
         let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
         let mut conn = Connection::open(path).map_err(sq)?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sq)?;
@@ -1263,13 +1256,11 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)
 }
 
-fn create_private_file(path: &Path) -> std::io::Result<()> {
+/// Open `path` for reading and writing, creating it with mode 0600 if needed
+/// (never truncated).
+pub(crate) fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
+    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
 }
 
 #[cfg(test)]

@@ -144,6 +144,7 @@ impl LineFormat {
             }
             _ => match body {
                 Cow::Borrowed(b) => Cow::Borrowed(b.trim()),
+                Cow::Owned(o) if o.trim().len() == o.len() => Cow::Owned(o),
                 Cow::Owned(o) => Cow::Owned(o.trim().to_string()),
             },
         }
