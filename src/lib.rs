@@ -44,4 +44,5 @@ pub mod server;
 pub mod simulator;
 pub mod sink;
 pub mod store;
+pub mod text;
 pub mod window;

@@ -205,7 +205,7 @@ impl Poller {
         for pass in 0..2 {
             let mut received = 0u64;
             let (mut first_count, mut count, mut count_moved) = (None::<u64>, None::<u64>, false);
-            let mut prev_edges: Option<(String, String)> = None;
+            let mut prev_edges: Option<(crate::text::Text, crate::text::Text)> = None;
             let mut page = 1u32;
             self.wait_for_room(0, cancel).await?;
             let mut current = fetch(page).await?;

@@ -31,6 +31,7 @@ use serde::Serialize;
 
 use crate::opsera::Record;
 use crate::segments::{self, Segments};
+use crate::text::Text;
 use crate::window::Checkpoint;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is the count applied.
@@ -133,10 +134,11 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub struct JournalRow {
     pub seq: i64,
-    pub stream: String,
-    pub id: String,
+    pub stream: Arc<str>,
+    /// `id` and `body` are slices of the journal page they were read from.
+    pub id: Text,
     pub created: i64,
-    pub body: String,
+    pub body: Text,
 }
 
 /// Where a file sink's committed output ends.
@@ -676,7 +678,7 @@ impl Store {
             let mut pages = stmt.query([after]).map_err(|e| sq(inner, e))?;
             let mut batch = Batch { rows: Vec::new(), last_seq: after };
             let (mut bytes, mut scanned) = (0usize, 0usize);
-            let mut buf = Vec::new();
+            let mut stream: Option<Arc<str>> = None;
             'pages: while let Some(p) = pages.next().map_err(|e| sq(inner, e))? {
                 let (first, records): (i64, i64) =
                     (p.get(0).map_err(|e| sq(inner, e))?, p.get(1).map_err(|e| sq(inner, e))?);
@@ -684,8 +686,8 @@ impl Store {
                 if last <= after {
                     continue;
                 }
-                let stream: String = p.get(2).map_err(|e| sq(inner, e))?;
-                if !streams.contains(&stream) {
+                let name = p.get_ref(2).and_then(|v| v.as_str().map_err(Into::into)).map_err(|e| sq(inner, e))?;
+                if !streams.iter().any(|s| s == name) {
                     // Not this sink's: pass over the page's records unread.
                     let from = after.max(first - 1).max(batch.last_seq);
                     let n = (last.saturating_sub(from).max(0) as usize).min(limit - scanned);
@@ -701,8 +703,15 @@ impl Store {
                     p.get(4).map_err(|e| sq(inner, e))?,
                     p.get(5).map_err(|e| sq(inner, e))?,
                 );
+                // One shared name per stream, not one string per row.
+                let stream = match &stream {
+                    Some(s) if **s == *name => s.clone(),
+                    _ => stream.insert(Arc::from(name)).clone(),
+                };
+                let mut buf = Vec::new();
                 segs.read(no as u64, at as u64, len as usize, &mut buf)
                     .map_err(|message| StoreError::Other { path: inner.path.display().to_string(), message })?;
+                let buf = bytes::Bytes::from(buf);
                 let damaged = |what: String| StoreError::Other {
                     path: inner.path.display().to_string(),
                     message: format!("journal segment {no} (page from seq {first}): {what}"),
@@ -725,9 +734,9 @@ impl Store {
                     batch.rows.push(JournalRow {
                         seq,
                         stream: stream.clone(),
-                        id: f.id.to_string(),
+                        id: Text::slice_of(&buf, f.id),
                         created: f.created,
-                        body: f.body.to_string(),
+                        body: Text::slice_of(&buf, f.body),
                     });
                     batch.last_seq = seq;
                     scanned += 1;
@@ -894,7 +903,13 @@ impl Store {
             stmt.query_map(params![sink, limit as i64], |r| {
                 Ok((
                     r.get(0)?,
-                    JournalRow { seq: r.get(1)?, stream: r.get(2)?, id: r.get(3)?, created: 0, body: r.get(4)? },
+                    JournalRow {
+                        seq: r.get(1)?,
+                        stream: r.get::<_, String>(2)?.into(),
+                        id: r.get::<_, String>(3)?.into(),
+                        created: 0,
+                        body: r.get::<_, String>(4)?.into(),
+                    },
                 ))
             })
             .map_err(|e| sq(inner, e))?
@@ -1270,7 +1285,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn rec(id: &str, created: i64) -> Record {
-        Record { id: id.into(), created, body: format!(r#"{{"_id":"{id}","createdAt":"x"}}"#) }
+        Record { id: id.into(), created, body: format!(r#"{{"_id":"{id}","createdAt":"x"}}"#).into() }
     }
 
     fn rt() -> tokio::runtime::Runtime {
@@ -1338,7 +1353,7 @@ mod tests {
             assert_eq!(s.backlog(), (5, 15));
             let b = s.read_batch(2, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
             let got: Vec<(i64, String, i64, String)> =
-                b.rows.into_iter().map(|r| (r.seq, r.id, r.created, r.body)).collect();
+                b.rows.into_iter().map(|r| (r.seq, r.id.to_string(), r.created, r.body.to_string())).collect();
             let want: Vec<(i64, String, i64, String)> =
                 [3, 4, 5, 8].into_iter().map(|q| (q, format!("id{q}"), q, format!("b{q}x"))).collect();
             assert_eq!(got, want);
@@ -1464,7 +1479,7 @@ mod tests {
                     assert_eq!(stats.new + stats.duplicate, page.len() as u64);
                 }
                 let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 10_000, usize::MAX, 1).await.unwrap();
-                let got: Vec<String> = b.rows.into_iter().map(|r| r.id).collect();
+                let got: Vec<String> = b.rows.into_iter().map(|r| r.id.to_string()).collect();
                 assert_eq!(got, order);
             });
         }

@@ -37,7 +37,11 @@ async fn setup(
     let store = Store::open(&dir.path().join("s.db")).unwrap();
     store.register_sinks(vec!["t".into()]).await.unwrap();
     let recs = (0..n)
-        .map(|i| Record { id: format!("{i:024x}"), created: i as i64, body: format!("{{\"_id\":\"{i:024x}\"}}") })
+        .map(|i| Record {
+            id: format!("{i:024x}").into(),
+            created: i as i64,
+            body: format!("{{\"_id\":\"{i:024x}\"}}").into(),
+        })
         .collect();
     store.ingest("user_activity", recs, (0, 0)).await.unwrap();
     let batches = Arc::new(Mutex::new(Vec::new()));

@@ -72,7 +72,7 @@ fn record() -> impl Strategy<Value = Value> {
 fn row(v: &Value, stream: &str) -> JournalRow {
     let id = v["_id"].as_str().unwrap_or("x").to_string();
     let created = v["createdAt"].as_str().and_then(opsera_shipper::window::parse_timestamp).unwrap_or(0);
-    JournalRow { seq: 1, stream: stream.into(), id, created, body: v.to_string() }
+    JournalRow { seq: 1, stream: stream.into(), id: id.into(), created, body: v.to_string().into() }
 }
 
 fn formatter(format: SyslogFormat, max_bytes: usize, escape_line_breaks: bool) -> Formatter {
@@ -145,7 +145,7 @@ proptest! {
     #[test]
     fn parser_survives_arbitrary_bytes(body in prop::collection::vec(any::<u8>(), 0..400)) {
         for meaning in [CountMeaning::Total, CountMeaning::Returned] {
-            if let Ok(p) = parse_page(&body, meaning) {
+            if let Ok(p) = parse_page(&bytes::Bytes::from(body.clone()), meaning) {
                 for r in p.records {
                     prop_assert!(serde_json::from_str::<Value>(&r.body).is_ok());
                 }
@@ -168,7 +168,7 @@ proptest! {
         env.insert("data".into(), Value::Array(items.clone()));
         let env = Value::Object(env);
         let body = if pretty { serde_json::to_string_pretty(&env).unwrap() } else { env.to_string() };
-        match parse_page(body.as_bytes(), CountMeaning::Total) {
+        match parse_page(&bytes::Bytes::copy_from_slice(body.as_bytes()), CountMeaning::Total) {
             Ok(p) => {
                 prop_assert_eq!(p.records.len(), items.len());
                 for (r, want) in p.records.iter().zip(&items) {
@@ -323,14 +323,18 @@ fn deeply_nested_json_is_refused_or_kept_never_a_crash() {
     for depth in [100_000usize, 200] {
         let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
         for b in [nested.clone(), format!("{{\"count\":1,\"data\":{nested}}}")] {
-            let e = parse_page(b.as_bytes(), CountMeaning::Total).unwrap_err();
+            let e = parse_page(&bytes::Bytes::copy_from_slice(b.as_bytes()), CountMeaning::Total).unwrap_err();
             assert!(!e.is_empty());
         }
         let rec =
             format!("{{\"_id\":\"a\",\"createdAt\":\"2024-01-01T00:00:00Z\",\"user_email\":\"e\",\"x\":{nested}}}");
-        let p = parse_page(format!("{{\"count\":1,\"data\":[{rec}]}}").as_bytes(), CountMeaning::Total).unwrap();
+        let p = parse_page(
+            &bytes::Bytes::copy_from_slice(format!("{{\"count\":1,\"data\":[{rec}]}}").as_bytes()),
+            CountMeaning::Total,
+        )
+        .unwrap();
         assert_eq!(p.records[0].body, rec);
-        let r = JournalRow { seq: 1, stream: "user_activity".into(), id: "a".into(), created: 0, body: rec };
+        let r = JournalRow { seq: 1, stream: "user_activity".into(), id: "a".into(), created: 0, body: rec.into() };
         let m = String::from_utf8(formatter(SyslogFormat::Rfc5424, 1 << 20, true).format(&r).bytes).unwrap();
         assert!(m.contains("[opsera@32473 _id=\"a\" user_email=\"e\" stream="), "{m:.200}");
         let m = String::from_utf8(formatter(SyslogFormat::Cef, 1 << 20, true).format(&r).bytes).unwrap();

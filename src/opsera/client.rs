@@ -264,7 +264,7 @@ impl Client {
                 body: snippet(&body),
             });
         }
-        match parse_page(&body, meaning) {
+        match parse_page(&bytes::Bytes::from(body), meaning) {
             Ok(p) => Attempt::Done(p),
             Err(reason) => Attempt::Fatal(ApiError::BadResponse { url: url.into(), reason }),
         }

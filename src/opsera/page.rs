@@ -6,19 +6,21 @@
 //! contradicts `data` rejects the page with a reason. Each accepted record
 //! keeps its exact original JSON text.
 
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::text::Text;
 use crate::window::parse_timestamp;
 
 /// One audit record: its dedup key, its creation time and its original text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
-    pub id: String,
+    pub id: Text,
     /// `createdAt` in epoch ms.
     pub created: i64,
-    /// The record's JSON text exactly as the API sent it.
-    pub body: String,
+    /// The record's JSON text exactly as the API sent it (a slice of the response).
+    pub body: Text,
 }
 
 /// One parsed response.
@@ -65,8 +67,9 @@ struct Head<'a> {
 /// Longest `_id` accepted; ObjectIds are 24 characters.
 const MAX_ID_LEN: usize = 128;
 
-/// Parse a response body. Errors say what was wrong, without the URL (the caller adds it).
-pub fn parse_page(body: &[u8], meaning: CountMeaning) -> Result<Page, String> {
+/// Parse a response body. Errors say what was wrong, without the URL (the
+/// caller adds it). Records are slices of `body`: no copy per record.
+pub fn parse_page(body: &Bytes, meaning: CountMeaning) -> Result<Page, String> {
     // Fast path: one pass splits `data` into its records' raw text.
     // Validating UTF-8 once up front lets serde_json skip it per record.
     let fast = std::str::from_utf8(body).ok().and_then(|text| serde_json::from_str::<FastEnvelope>(text).ok());
@@ -108,12 +111,13 @@ pub fn parse_page(body: &[u8], meaning: CountMeaning) -> Result<Page, String> {
     }
     let mut records = Vec::with_capacity(items.len());
     for (i, raw) in items.into_iter().enumerate() {
-        records.push(parse_record(raw).map_err(|m| format!("record {i} of \"data\": {m}"))?);
+        records.push(parse_record(body, raw).map_err(|m| format!("record {i} of \"data\": {m}"))?);
     }
     Ok(Page { count, records })
 }
 
-fn parse_record(raw: &RawValue) -> Result<Record, String> {
+/// One record of `page` (whose text `raw` borrows from).
+fn parse_record(page: &Bytes, raw: &RawValue) -> Result<Record, String> {
     let text = raw.get();
     if !text.starts_with('{') {
         return Err(format!("not a JSON object: {}", snippet(text.as_bytes())));
@@ -125,7 +129,7 @@ fn parse_record(raw: &RawValue) -> Result<Record, String> {
             (head.id.map(RawValue::get), head.created.map(RawValue::get))
         }
     };
-    let id: String = id.and_then(json_str).ok_or("\"_id\" is missing or not a string")?.into_owned();
+    let id = id.and_then(json_str).ok_or("\"_id\" is missing or not a string")?;
     if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
         return Err(format!("\"_id\" {:?} is empty, too long or holds control characters", truncate(&id, 40)));
     }
@@ -134,7 +138,11 @@ fn parse_record(raw: &RawValue) -> Result<Record, String> {
     let created = parse_timestamp(&created_text).ok_or_else(|| {
         format!("record {id}: \"createdAt\" {:?} is not an ISO-8601 timestamp", truncate(&created_text, 40))
     })?;
-    Ok(Record { id, created, body: text.to_string() })
+    let id = match id {
+        std::borrow::Cow::Borrowed(id) => Text::slice_of(page, id),
+        std::borrow::Cow::Owned(id) => Text::from(id),
+    };
+    Ok(Record { id, created, body: Text::slice_of(page, text) })
 }
 
 /// The text of a JSON string value (borrowed when it has no escapes).
@@ -266,7 +274,7 @@ mod tests {
     #[test]
     fn keeps_original_text() {
         let body = format!(r#"{{"count":1,"data":[ {REC} ]}}"#);
-        let p = parse_page(body.as_bytes(), CountMeaning::Total).unwrap();
+        let p = parse_page(&bytes::Bytes::copy_from_slice(body.as_bytes()), CountMeaning::Total).unwrap();
         assert_eq!(p.records[0].body, REC);
         assert_eq!(p.records[0].id, "61042540e1d666c9ded178c4");
         assert_eq!(p.count, Some(1));
@@ -289,10 +297,14 @@ mod tests {
             (r#"{"count":1,"data":[7]}"#, "not a JSON object"),
         ];
         for (body, want) in cases {
-            let e = parse_page(body.as_bytes(), CountMeaning::Total).unwrap_err();
+            let e = parse_page(&bytes::Bytes::copy_from_slice(body.as_bytes()), CountMeaning::Total).unwrap_err();
             assert!(e.contains(want), "{body}: {e}");
         }
-        let e = parse_page(format!(r#"{{"count":2,"data":[{REC}]}}"#).as_bytes(), CountMeaning::Returned).unwrap_err();
+        let e = parse_page(
+            &bytes::Bytes::copy_from_slice(format!(r#"{{"count":2,"data":[{REC}]}}"#).as_bytes()),
+            CountMeaning::Returned,
+        )
+        .unwrap_err();
         assert!(e.contains("holds 1"), "{e}");
     }
 
@@ -323,7 +335,11 @@ mod tests {
 
     #[test]
     fn count_may_be_absent() {
-        let p = parse_page(format!(r#"{{"data":[{REC}]}}"#).as_bytes(), CountMeaning::Returned).unwrap();
+        let p = parse_page(
+            &bytes::Bytes::copy_from_slice(format!(r#"{{"data":[{REC}]}}"#).as_bytes()),
+            CountMeaning::Returned,
+        )
+        .unwrap();
         assert_eq!(p.count, None);
         assert_eq!(p.records.len(), 1);
     }

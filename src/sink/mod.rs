@@ -134,7 +134,7 @@ impl LineFormat {
                 out.push_str("{\"");
                 out.push_str(f);
                 out.push_str("\":");
-                out.push_str(&serde_json::to_string(&row.stream).unwrap_or_default());
+                out.push_str(&serde_json::to_string(&*row.stream).unwrap_or_default());
                 let rest = body[1..].trim_start();
                 if !rest.starts_with('}') {
                     out.push(',');

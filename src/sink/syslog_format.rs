@@ -94,7 +94,7 @@ impl Formatter {
     fn rfc5424(&self, row: &JournalRow, fields: &[(&'static str, Cow<str>)], json: &str) -> Message {
         let mut sd_truncated = false;
         let mut sd = format!("[{}", self.sd_id);
-        for (k, v) in fields.iter().map(|(k, v)| (*k, v.as_ref())).chain([("stream", row.stream.as_str())]) {
+        for (k, v) in fields.iter().map(|(k, v)| (*k, v.as_ref())).chain([("stream", &*row.stream)]) {
             let (v, cut) = cap(v, SD_VALUE_CAP);
             sd_truncated |= cut;
             sd.push(' ');
@@ -132,11 +132,11 @@ impl Formatter {
         let get = |k: &str| fields.iter().find(|(f, _)| *f == k).map(|(_, v)| v.as_ref());
         let (signature, name) = match (get("type"), get("action"), get("token_id")) {
             (_, _, Some(_)) => (
-                get("scope").map_or_else(|| row.stream.clone(), |s| format!("token.{s}")),
+                get("scope").map_or_else(|| row.stream.to_string(), |s| format!("token.{s}")),
                 "Opsera token activity".into(),
             ),
             (Some(t), Some(a), None) => (format!("{t}.{a}"), format!("Opsera {t} {a}")),
-            _ => (row.stream.clone(), format!("Opsera {}", row.stream.replace('_', " "))),
+            _ => (row.stream.to_string(), format!("Opsera {}", row.stream.replace('_', " "))),
         };
         let mut ext = format!("rt={}", row.created);
         let mut push = |k: &str, v: &str| {
