@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::split;
 use crate::text::Text;
 use crate::window::parse_timestamp;
 
@@ -49,14 +50,6 @@ struct Envelope<'a> {
 }
 
 #[derive(Deserialize)]
-struct FastEnvelope<'a> {
-    #[serde(default, borrow)]
-    count: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    data: Option<Vec<&'a RawValue>>,
-}
-
-#[derive(Deserialize)]
 struct Head<'a> {
     #[serde(rename = "_id", default, borrow)]
     id: Option<&'a RawValue>,
@@ -70,28 +63,19 @@ const MAX_ID_LEN: usize = 128;
 /// Parse a response body. Errors say what was wrong, without the URL (the
 /// caller adds it). Records are slices of `body`: no copy per record.
 pub fn parse_page(body: &Bytes, meaning: CountMeaning) -> Result<Page, String> {
-    // Fast path: one pass splits `data` into its records' raw text.
-    // Validating UTF-8 once up front lets serde_json skip it per record.
-    let fast = std::str::from_utf8(body).ok().and_then(|text| serde_json::from_str::<FastEnvelope>(text).ok());
-    let (count, items) = match fast {
-        Some(FastEnvelope { count, data: Some(items) }) => (count, items),
-        // Anything else takes the slow path, for a precise message.
-        _ => {
-            let env: Envelope = serde_json::from_slice(body).map_err(|e| {
-                format!("response is not a JSON object with count and data ({e}); body starts with {}", snippet(body))
-            })?;
-            let data = env.data.ok_or("response has no \"data\" field")?;
-            let items: Vec<&RawValue> =
-                serde_json::from_str(data.get()).map_err(|_| "\"data\" is not an array".to_string())?;
-            (env.count, items)
-        }
+    // Fast path: one pass validates the page, splits `data` and finds each
+    // record's head. Anything unusual takes serde's path, which decides
+    // exactly as the fast path would and says precisely what is wrong.
+    let (count, items) = match std::str::from_utf8(body).ok().and_then(split::split) {
+        Some(split::Split { count, records }) => (count, records),
+        None => slow_split(body)?,
     };
     let count = match count {
         None => None,
-        Some(c) => match serde_json::from_str::<u64>(c.get()) {
+        Some(c) => match serde_json::from_str::<u64>(c) {
             Ok(n) => Some(n),
             Err(_) => {
-                return Err(format!("\"count\" is {} , not a non-negative integer", c.get()));
+                return Err(format!("\"count\" is {c} , not a non-negative integer"));
             }
         },
     };
@@ -110,31 +94,42 @@ pub fn parse_page(body: &Bytes, meaning: CountMeaning) -> Result<Page, String> {
         }
     }
     let mut records = Vec::with_capacity(items.len());
-    for (i, raw) in items.into_iter().enumerate() {
-        records.push(parse_record(body, raw).map_err(|m| format!("record {i} of \"data\": {m}"))?);
+    for (i, item) in items.into_iter().enumerate() {
+        records.push(parse_record(body, item).map_err(|m| format!("record {i} of \"data\": {m}"))?);
     }
     Ok(Page { count, records })
 }
 
-/// One record of `page` (whose text `raw` borrows from).
-fn parse_record(page: &Bytes, raw: &RawValue) -> Result<Record, String> {
-    let text = raw.get();
-    if !text.starts_with('{') {
-        return Err(format!("not a JSON object: {}", snippet(text.as_bytes())));
-    }
-    let (id, created) = match scan_head(text) {
-        Some(found) => found,
-        None => {
-            let head: Head = serde_json::from_str(text).map_err(|e| format!("unreadable record ({e})"))?;
-            (head.id.map(RawValue::get), head.created.map(RawValue::get))
+/// The page as serde reads it: its raw `count` and its records with their heads.
+fn slow_split(body: &[u8]) -> Result<(Option<&str>, Vec<split::Item<'_>>), String> {
+    let env: Envelope = serde_json::from_slice(body).map_err(|e| {
+        format!("response is not a JSON object with count and data ({e}); body starts with {}", snippet(body))
+    })?;
+    let data = env.data.ok_or("response has no \"data\" field")?;
+    let raws: Vec<&RawValue> = serde_json::from_str(data.get()).map_err(|_| "\"data\" is not an array".to_string())?;
+    let mut items = Vec::with_capacity(raws.len());
+    for (i, raw) in raws.into_iter().enumerate() {
+        let text = raw.get();
+        if !text.starts_with('{') {
+            return Err(format!("record {i} of \"data\": not a JSON object: {}", snippet(text.as_bytes())));
         }
-    };
-    let id = id.and_then(json_str).ok_or("\"_id\" is missing or not a string")?;
+        let head: Head =
+            serde_json::from_str(text).map_err(|e| format!("record {i} of \"data\": unreadable record ({e})"))?;
+        items.push(split::Item { text, id: head.id.map(RawValue::get), created: head.created.map(RawValue::get) });
+    }
+    Ok((env.count.map(RawValue::get).filter(|c| *c != "null"), items))
+}
+
+/// One record of `page` (whose text `item` borrows from).
+fn parse_record(page: &Bytes, item: split::Item<'_>) -> Result<Record, String> {
+    let id = item.id.and_then(json_str).ok_or("\"_id\" is missing or not a string")?;
     if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
         return Err(format!("\"_id\" {:?} is empty, too long or holds control characters", truncate(&id, 40)));
     }
-    let created_text =
-        created.and_then(json_str).ok_or_else(|| format!("record {id}: \"createdAt\" is missing or not a string"))?;
+    let created_text = item
+        .created
+        .and_then(json_str)
+        .ok_or_else(|| format!("record {id}: \"createdAt\" is missing or not a string"))?;
     let created = parse_timestamp(&created_text).ok_or_else(|| {
         format!("record {id}: \"createdAt\" {:?} is not an ISO-8601 timestamp", truncate(&created_text, 40))
     })?;
@@ -142,7 +137,7 @@ fn parse_record(page: &Bytes, raw: &RawValue) -> Result<Record, String> {
         std::borrow::Cow::Borrowed(id) => Text::slice_of(page, id),
         std::borrow::Cow::Owned(id) => Text::from(id),
     };
-    Ok(Record { id, created, body: Text::slice_of(page, text) })
+    Ok(Record { id, created, body: Text::slice_of(page, item.text) })
 }
 
 /// The text of a JSON string value (borrowed when it has no escapes).
@@ -152,103 +147,6 @@ fn json_str(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
         return Some(std::borrow::Cow::Borrowed(inner));
     }
     serde_json::from_str::<String>(raw).ok().map(std::borrow::Cow::Owned)
-}
-
-/// The raw values of the top-level `_id` and `createdAt` of a record,
-/// found without deserializing it. The text must be one JSON object that
-/// has already been validated (the page's first pass did). `None` when a
-/// key is escaped or repeated, or anything looks off: the caller then
-/// deserializes the record, which decides exactly as before.
-fn scan_head<'a>(text: &'a str) -> Option<(Option<&'a str>, Option<&'a str>)> {
-    let b = text.as_bytes();
-    let ws = |mut i: usize| {
-        while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\n' | b'\r') {
-            i += 1;
-        }
-        i
-    };
-    // The end of the string starting at `i` (a quote), after its closing quote.
-    let string_end = |mut i: usize| -> Option<usize> {
-        i += 1;
-        loop {
-            i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
-            if b[i] == b'"' {
-                return Some(i + 1);
-            }
-            i += 2;
-        }
-    };
-    let value_end = |mut i: usize| -> Option<usize> {
-        match *b.get(i)? {
-            b'"' => string_end(i),
-            b'{' | b'[' => {
-                let mut depth = 0usize;
-                loop {
-                    match *b.get(i)? {
-                        b'"' => {
-                            i = string_end(i)?;
-                            continue;
-                        }
-                        b'{' | b'[' => depth += 1,
-                        b'}' | b']' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                return Some(i + 1);
-                            }
-                        }
-                        _ => {}
-                    }
-                    i += 1;
-                }
-            }
-            _ => {
-                while i < b.len() && !matches!(b[i], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
-                    i += 1;
-                }
-                Some(i)
-            }
-        }
-    };
-    let (mut id, mut created) = (None, None);
-    let mut i = ws(1);
-    if b.get(i) == Some(&b'}') {
-        return Some((None, None));
-    }
-    loop {
-        if b.get(i) != Some(&b'"') {
-            return None;
-        }
-        let key_end = string_end(i)?;
-        let key = &b[i + 1..key_end - 1];
-        if key.contains(&b'\\') {
-            return None;
-        }
-        i = ws(key_end);
-        if b.get(i) != Some(&b':') {
-            return None;
-        }
-        let start = ws(i + 1);
-        let end = value_end(start)?;
-        let slot = match key {
-            b"_id" => &mut id,
-            b"createdAt" => &mut created,
-            _ => &mut None,
-        };
-        if slot.is_some() {
-            return None; // a repeated key: let serde reject it
-        }
-        *slot = Some(text.get(start..end)?);
-        i = ws(end);
-        match b.get(i) {
-            Some(b',') => i = ws(i + 1),
-            Some(b'}') => {
-                // `null` reads as absent, as it does for serde's `Option`.
-                let some = |v: Option<&'a str>| v.filter(|v| *v != "null");
-                return (ws(i + 1) == b.len()).then_some((some(id), some(created)));
-            }
-            _ => return None,
-        }
-    }
 }
 
 /// The first bytes of a body, printable, for error messages.
@@ -268,6 +166,7 @@ fn truncate(s: &str, n: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const REC: &str = r#"{"_id":"61042540e1d666c9ded178c4","createdAt":"2021-07-30T16:13:52.109Z","x":1.50,"__v":0}"#;
 
@@ -308,28 +207,140 @@ mod tests {
         assert!(e.contains("holds 1"), "{e}");
     }
 
+    /// What the fast splitter says of `text` must be what serde says: it
+    /// may give up (`None`), never accept what serde refuses or differ.
+    fn agrees(text: &str) -> Result<bool, String> {
+        let Some(fast) = split::split(text) else { return Ok(false) };
+        let (count, items) =
+            slow_split(text.as_bytes()).map_err(|e| format!("{text:?}: split accepted, serde: {e}"))?;
+        fn view<'a>(c: Option<&str>, items: &[split::Item<'a>]) -> (Option<String>, Vec<[Option<&'a str>; 3]>) {
+            (c.map(str::to_string), items.iter().map(|i| [Some(i.text), i.id, i.created]).collect())
+        }
+        let (f, s) = (view(fast.count, &fast.records), view(count, &items));
+        if f != s {
+            return Err(format!("{text:?}: split {f:?}, serde {s:?}"));
+        }
+        Ok(true)
+    }
+
     #[test]
-    fn the_head_scanner_agrees_with_serde() {
-        let cases = [
-            REC,
-            r#"{}"#,
-            r#" { "a" : [1, {"_id": "inner"}, "x\"y"] , "_id" : "o\u0041" , "createdAt":"t" } "#,
-            r#"{"createdAt":null,"_id":5,"n":-1.5e3,"t":true,"z":{"createdAt":"no"}}"#,
-            r#"{"_\u0069d":"escaped key"}"#,
-            r#"{"_id":"a","_id":"b"}"#,
-            r#"{"s":"a\\","_id":"after an escaped backslash"}"#,
+    fn the_splitter_agrees_with_serde() {
+        let page = |recs: &str| format!(r#"{{"count":3,"data":[{recs}]}}"#);
+        let plain = [
+            page(REC),
+            page("{}"),
+            format!(" {{ \"x\" : {{\"data\":[1]}}, \"data\" : [ {REC} , {{}} ] , \"count\" : null }} \n"),
+            page(r#" { "a" : [1, {"_id": "inner"}, "x\"y", []] , "_id" : "o\u0041" , "createdAt":"t" } "#),
+            page(
+                r#"{"createdAt":null,"_id":5,"n":-1.5e3,"m":0,"k":-0.0E+1,"t":true,"f":false,"z":{"createdAt":"no"}}"#,
+            ),
+            page(r#"{"s":"a\\","_id":"after an escaped backslash","u":"\ud800 lone, as serde lets it be"}"#),
+            page(&format!(r#"{{"deep":{}{}}}"#, "[".repeat(5000), "]".repeat(5000))),
+            r#"{"data":[]}"#.to_string(),
         ];
-        for text in cases {
-            let serde: Result<Head, _> = serde_json::from_str(text);
-            match scan_head(text) {
-                Some((id, created)) => {
-                    let head = serde.unwrap_or_else(|e| panic!("{text}: scanner accepted, serde: {e}"));
-                    assert_eq!(id, head.id.map(RawValue::get), "{text}");
-                    assert_eq!(created, head.created.map(RawValue::get), "{text}");
+        for text in &plain {
+            assert_eq!(agrees(text), Ok(true), "{text:.200}");
+        }
+        // serde decides these (escaped or repeated keys, odd shapes), or refuses them.
+        let unusual = [
+            page(r#"{"_\u0069d":"escaped key"}"#),
+            page(r#"{"_id":"a","_id":"b"}"#),
+            page("7"),
+            r#"{"data":[],"data":[]}"#.to_string(),
+            r#"{"data":null}"#.to_string(),
+            r#"{"count":1}"#.to_string(),
+            page(r#"{"n":01}"#),
+            page(r#"{"n":1.}"#),
+            page(r#"{"n":-}"#),
+            page(r#"{"n":.5}"#),
+            page(r#"{"n":1e}"#),
+            page(r#"{"s":"\q"}"#),
+            page(r#"{"s":"\u12G4"}"#),
+            page("{\"s\":\"tab\there\"}"),
+            page(r#"{"t":tru}"#),
+            page(r#"{"a":[1,]}"#),
+            page(r#"{"a":1,}"#),
+            page(r#"{"a" 1}"#),
+            page(r#"{"a":[1}"#),
+            format!("{} x", page("{}")),
+            page("{}").trim_end_matches('}').to_string(),
+        ];
+        for text in &unusual {
+            assert_eq!(agrees(text), Ok(false), "{text:.200}");
+        }
+    }
+
+    /// A JSON-ish tree rendered by hand, so that objects may repeat or escape keys.
+    fn tree() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            Just("true".to_string()),
+            "-?(0|[1-9][0-9]{0,3})(\\.[0-9]{1,3})?([eE][+-]?[0-9]{1,2})?",
+            "\"([a-z _é✓]|\\\\[\"\\\\/bfnrt]|\\\\u[0-9a-fA-F]{4}){0,12}\"",
+        ];
+        let keys = prop_oneof![
+            Just("\"_id\"".to_string()),
+            Just("\"createdAt\"".to_string()),
+            Just("\"count\"".to_string()),
+            Just("\"data\"".to_string()),
+            Just("\"_\\u0069d\"".to_string()),
+            "\"[a-z]{0,3}\"",
+        ];
+        leaf.prop_recursive(4, 48, 5, move |inner| {
+            prop_oneof![
+                (prop::collection::vec(inner.clone(), 0..5), " ?").prop_map(|(v, w)| format!("[{w}{}]", v.join(","))),
+                prop::collection::vec((keys.clone(), inner, "[ \n]?"), 0..5).prop_map(|m| {
+                    let members: Vec<String> = m.into_iter().map(|(k, v, w)| format!("{w}{k}{w}:{v}")).collect();
+                    format!("{{{}}}", members.join(","))
+                }),
+            ]
+        })
+    }
+
+    fn mutated_page() -> impl Strategy<Value = (String, bool)> {
+        let token = prop::sample::select(vec![
+            "",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"",
+            "\\",
+            "0",
+            "-",
+            ".",
+            "e",
+            "n",
+            " ",
+            "\u{1}",
+            "é",
+            "\"_id\":\"x\",",
+        ]);
+        (prop::collection::vec(tree(), 0..4), "[0-9]{0,2}|null", prop::collection::vec((any::<usize>(), token), 0..3))
+            .prop_map(|(recs, count, edits)| {
+                let count = if count.is_empty() { String::new() } else { format!("\"count\":{count},") };
+                let mut text = format!("{{{count}\"data\":[{}]}}", recs.join(","));
+                let edited = !edits.is_empty();
+                for (at, tok) in edits {
+                    let mut at = at % (text.len() + 1);
+                    while !text.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    // Replace one character (or insert at the end).
+                    let end = text[at..].chars().next().map_or(at, |c| at + c.len_utf8());
+                    text.replace_range(at..end, tok);
                 }
-                // Unsure: serde decides (escaped or repeated keys).
-                None => assert!(text.contains("\\u0069") || text.matches("\"_id\"").count() > 1, "{text}"),
-            }
+                (text, edited)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+        #[test]
+        fn the_splitter_never_disagrees_with_serde((text, _edited) in mutated_page()) {
+            prop_assert_eq!(agrees(&text).err(), None);
         }
     }
 
