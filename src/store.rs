@@ -110,6 +110,17 @@ const MIGRATIONS: &[&str] = &[
      INSERT INTO seen_keyed SELECT k.sid, s.id, s.created FROM seen s JOIN stream_keys k ON k.name = s.stream;
      DROP TABLE seen;
      ALTER TABLE seen_keyed RENAME TO seen;",
+    // 5: `seen` keyed by (id, sid): a text first key column lets SQLite
+    // compare keys with its fast string comparator on every insert.
+    "CREATE TABLE seen_by_id(
+        id TEXT NOT NULL,
+        sid INTEGER NOT NULL,
+        created INTEGER NOT NULL,
+        PRIMARY KEY(id, sid)
+     ) WITHOUT ROWID;
+     INSERT INTO seen_by_id SELECT id, sid, created FROM seen;
+     DROP TABLE seen;
+     ALTER TABLE seen_by_id RENAME TO seen;",
 ];
 
 /// `seen` has no index by `createdAt` (it would double the cost of every
