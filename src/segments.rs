@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -227,7 +227,7 @@ impl Segments {
     /// Read `len` bytes at `at` of segment `no` into `buf`.
     pub fn read(&mut self, no: u64, at: u64, len: usize, buf: &mut Vec<u8>) -> Result<(), String> {
         buf.clear();
-        buf.resize(len, 0);
+        buf.reserve_exact(len);
         let path = seg_path(&self.dir, no);
         let file = if no == self.writer.no {
             &self.writer.file
@@ -239,7 +239,17 @@ impl Segments {
                 }
             }
         };
-        file.read_exact_at(buf, at).map_err(|e| io_err(&path, format!("reading {len} bytes at {at}: {e}")))
+        // Seek and read into the reserved capacity: `read_exact_at` would
+        // need the buffer zeroed first. (Writes are positional, so moving
+        // the writer's file offset changes nothing.)
+        let mut f: &File = file;
+        f.seek(io::SeekFrom::Start(at))
+            .and_then(|_| f.take(len as u64).read_to_end(buf))
+            .map_err(|e| io_err(&path, format!("reading {len} bytes at {at}: {e}")))?;
+        if buf.len() < len {
+            return Err(io_err(&path, format!("reading {len} bytes at {at}: only {} there", buf.len())));
+        }
+        Ok(())
     }
 
     /// Delete every segment before `no` (their pages are all delivered);
