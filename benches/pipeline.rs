@@ -139,12 +139,19 @@ fn run_child(cmd: &mut std::process::Command) -> Usage {
     let pid = child.id() as i32;
     // Peak RSS from /proc, read until the process is gone: wait4's ru_maxrss
     // would count this (large) bench process, which the child was spawned from.
+    // Until the child has exec'd, /proc shows this process's memory (the
+    // rendered pages, hundreds of MB): skip samples while it still has our name.
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let ours = comm(std::process::id());
     let hwm = std::thread::spawn(move || {
         let mut peak = 0;
         loop {
-            match proc_kb(pid as u32, "VmHWM") {
-                0 => return peak,
-                h => peak = peak.max(h),
+            // The name first: once it has changed, the figure read next is the child's own.
+            if comm(pid as u32) != ours {
+                match proc_kb(pid as u32, "VmHWM") {
+                    0 => return peak,
+                    h => peak = peak.max(h),
+                }
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -378,6 +385,9 @@ fn micro() -> Vec<(String, f64)> {
 fn main() {
     // The raw-limit child.
     if let Ok(spec) = std::env::var("OPSERA_BENCH_RAW") {
+        // A name of its own, so that `run_child` can tell it has exec'd.
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c"raw-limit".as_ptr()) };
         let mut parts = spec.splitn(3, '|');
         let (url, out, pages) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
         raw_child(url, out, pages.parse().unwrap());
