@@ -110,10 +110,40 @@ fn to_utc(ms: i64) -> DateTime<Utc> {
 /// offset and fraction, and (leniently) a naive `YYYY-MM-DDTHH:MM:SS[.fff]`
 /// taken as UTC.
 pub fn parse_timestamp(s: &str) -> Option<i64> {
+    if let Some(t) = parse_canonical(s) {
+        return Some(t);
+    }
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.timestamp_millis());
     }
     NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f").ok().map(|t| t.and_utc().timestamp_millis())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, the form the API sends, read without chrono
+/// (which takes the rest, and anything unusual, such as a leap second).
+fn parse_canonical(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let seps = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (23, b'Z')];
+    if b.len() != 24 || seps.iter().any(|&(i, c)| b[i] != c) {
+        return None;
+    }
+    let num = |from: usize, to: usize| {
+        b[from..to].iter().try_fold(0i64, |n, c| c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0')))
+    };
+    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (h, mi, sec, ms) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 23)?);
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&mo) || d < 1 || d > month_days[mo as usize - 1] || h > 23 || mi > 59 || sec > 59 {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+    let (y, m) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + (153 * m + 2) / 5 + d - 1;
+    let days = era * 146_097 + doe - 719_468;
+    Some((((days * 24 + h) * 60 + mi) * 60 + sec) * 1000 + ms)
 }
 
 /// Parse a user-given point in time: RFC 3339, `YYYY-MM-DD` (midnight UTC),
@@ -139,6 +169,38 @@ mod tests {
     use proptest::prelude::*;
 
     const T0: i64 = 1_700_000_000_000; // 2023-11-14T22:13:20Z
+
+    proptest! {
+        /// The fast path reads the API's own form exactly as chrono does, and
+        /// leaves impossible dates (and leap seconds) to it.
+        #[test]
+        fn canonical_timestamps_read_as_chrono_reads_them(
+            y in 0i64..=9999, mo in 0i64..=13, d in 0i64..=32, h in 0i64..=25, mi in 0i64..=61, sec in 0i64..=61, ms in 0i64..1000,
+        ) {
+            let s = format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{sec:02}.{ms:03}Z");
+            let chrono = DateTime::parse_from_rfc3339(&s).ok().map(|t| t.timestamp_millis());
+            match parse_canonical(&s) {
+                Some(fast) => prop_assert_eq!(Some(fast), chrono, "{}", s),
+                None => prop_assert!(chrono.is_none() || sec == 60, "{s}: chrono reads {chrono:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn canonical_timestamps_cover_the_usual_form_only() {
+        assert_eq!(parse_canonical("2023-11-14T22:13:20.000Z"), Some(T0));
+        assert_eq!(parse_canonical("2024-02-29T00:00:00.001Z"), Some(1_709_164_800_001));
+        assert_eq!(parse_canonical("1969-12-31T23:59:59.999Z"), Some(-1));
+        for other in [
+            "2023-11-14T22:13:20Z",
+            "2023-11-14T22:13:20.000+00:00",
+            "2023-02-29T00:00:00.000Z",
+            "2023-11-14 22:13:20.000Z",
+        ] {
+            assert_eq!(parse_canonical(other), None, "{other}");
+        }
+        assert_eq!(parse_timestamp("2023-11-14T22:13:20Z"), Some(T0));
+    }
 
     #[test]
     fn first_poll_starts_at_lookback() {
