@@ -22,6 +22,7 @@
 //! called on an async worker thread: every public async method runs its
 //! SQLite work on the blocking pool.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -145,7 +146,8 @@ pub enum StoreError {
 #[derive(Debug, Clone)]
 pub struct JournalRow {
     pub seq: i64,
-    pub stream: Arc<str>,
+    /// A known stream's name is borrowed: rows copy no name.
+    pub stream: Cow<'static, str>,
     /// `id` and `body` are slices of the journal page they were read from.
     pub id: Text,
     pub created: i64,
@@ -689,7 +691,6 @@ impl Store {
             let mut pages = stmt.query([after]).map_err(|e| sq(inner, e))?;
             let mut batch = Batch { rows: Vec::new(), last_seq: after };
             let (mut bytes, mut scanned) = (0usize, 0usize);
-            let mut stream: Option<Arc<str>> = None;
             'pages: while let Some(p) = pages.next().map_err(|e| sq(inner, e))? {
                 let (first, records): (i64, i64) =
                     (p.get(0).map_err(|e| sq(inner, e))?, p.get(1).map_err(|e| sq(inner, e))?);
@@ -714,11 +715,7 @@ impl Store {
                     p.get(4).map_err(|e| sq(inner, e))?,
                     p.get(5).map_err(|e| sq(inner, e))?,
                 );
-                // One shared name per stream, not one string per row.
-                let stream = match &stream {
-                    Some(s) if **s == *name => s.clone(),
-                    _ => stream.insert(Arc::from(name)).clone(),
-                };
+                let stream = stream_name(name);
                 let mut buf = Vec::new();
                 segs.read(no as u64, at as u64, len as usize, &mut buf)
                     .map_err(|message| StoreError::Other { path: inner.path.display().to_string(), message })?;
@@ -916,7 +913,7 @@ impl Store {
                     r.get(0)?,
                     JournalRow {
                         seq: r.get(1)?,
-                        stream: r.get::<_, String>(2)?.into(),
+                        stream: stream_name(&r.get::<_, String>(2)?),
                         id: r.get::<_, String>(3)?.into(),
                         created: 0,
                         body: r.get::<_, String>(4)?.into(),
@@ -1263,6 +1260,14 @@ fn refuse_newer(version: i64, path: &Path) -> Result<(), StoreError> {
         });
     }
     Ok(())
+}
+
+/// A row's stream name: borrowed when it is a known stream.
+fn stream_name(name: &str) -> Cow<'static, str> {
+    match crate::config::KNOWN_STREAMS.iter().find(|k| **k == name) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(name.to_string()),
+    }
 }
 
 fn sq(inner: &Inner, source: rusqlite::Error) -> StoreError {

@@ -72,7 +72,7 @@ fn record() -> impl Strategy<Value = Value> {
 fn row(v: &Value, stream: &str) -> JournalRow {
     let id = v["_id"].as_str().unwrap_or("x").to_string();
     let created = v["createdAt"].as_str().and_then(opsera_shipper::window::parse_timestamp).unwrap_or(0);
-    JournalRow { seq: 1, stream: stream.into(), id: id.into(), created, body: v.to_string().into() }
+    JournalRow { seq: 1, stream: stream.to_string().into(), id: id.into(), created, body: v.to_string().into() }
 }
 
 fn formatter(format: SyslogFormat, max_bytes: usize, escape_line_breaks: bool) -> Formatter {
