@@ -365,6 +365,8 @@ impl Store {
              PRAGMA cache_size = -512;",
         )
         .map_err(sq)?;
+        // Every statement this store runs stays prepared (rusqlite keeps 16).
+        conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn, path)?;
         let segments = if writer {
             let mut committed = std::collections::BTreeMap::new();
@@ -506,26 +508,40 @@ impl Store {
                         .prepare_cached("SELECT sid FROM stream_keys WHERE name = ?1")
                         .and_then(|mut st| st.query_row([&stream], |r| r.get(0)))
                         .map_err(|e| sq(inner, e))?;
-                    let mut seen = tx
-                        .prepare_cached("INSERT OR IGNORE INTO seen(sid, id, created) VALUES (?1, ?2, ?3)")
-                        .map_err(|e| sq(inner, e))?;
                     for r in &records {
                         stats.max_created = Some(stats.max_created.map_or(r.created, |m| m.max(r.created)));
-                        let early = r.created < from;
-                        let key = if early { to } else { r.created };
-                        let is_new = seen.execute(params![sid, r.id, key]).map_err(|e| sq(inner, e))? == 1;
-                        new.push(is_new);
-                        if is_new {
-                            stats.new += 1;
-                        } else {
-                            stats.duplicate += 1;
-                            if early {
-                                // Served again out of its window: keep remembering it.
-                                tx.prepare_cached(
-                                    "UPDATE seen SET created = ?3 WHERE sid = ?1 AND id = ?2 AND created < ?3",
-                                )
-                                .and_then(|mut u| u.execute(params![sid, r.id, key]))
-                                .map_err(|e| sq(inner, e))?;
+                    }
+                    let key = |r: &Record| if r.created < from { to } else { r.created };
+                    let mut rest = &records[..];
+                    while !rest.is_empty() {
+                        let (chunk, tail) = rest.split_at(rest.len().min(SEEN_CHUNK));
+                        rest = tail;
+                        if chunk.len() == SEEN_CHUNK
+                            && insert_all_new(&tx, sid, chunk, key).map_err(|e| sq(inner, e))?
+                        {
+                            new.extend(std::iter::repeat_n(true, chunk.len()));
+                            stats.new += chunk.len() as u64;
+                            continue;
+                        }
+                        // One by one: some ids were seen before (or repeat in this page).
+                        let mut seen = tx
+                            .prepare_cached("INSERT OR IGNORE INTO seen(sid, id, created) VALUES (?1, ?2, ?3)")
+                            .map_err(|e| sq(inner, e))?;
+                        for r in chunk {
+                            let is_new = seen.execute(params![sid, r.id, key(r)]).map_err(|e| sq(inner, e))? == 1;
+                            new.push(is_new);
+                            if is_new {
+                                stats.new += 1;
+                            } else {
+                                stats.duplicate += 1;
+                                if r.created < from {
+                                    // Served again out of its window: keep remembering it.
+                                    tx.prepare_cached(
+                                        "UPDATE seen SET created = ?3 WHERE sid = ?1 AND id = ?2 AND created < ?3",
+                                    )
+                                    .and_then(|mut u| u.execute(params![sid, r.id, key(r)]))
+                                    .map_err(|e| sq(inner, e))?;
+                                }
                             }
                         }
                     }
@@ -1260,6 +1276,40 @@ fn refuse_newer(version: i64, path: &Path) -> Result<(), StoreError> {
         });
     }
     Ok(())
+}
+
+/// Ids go into `seen` this many at a time when all of them are new (the
+/// common case), one statement for all; small in unit tests, so that they
+/// take both paths.
+const SEEN_CHUNK: usize = if cfg!(test) { 4 } else { 64 };
+
+/// Insert `chunk`'s ids in one statement, inside a savepoint. `true` when
+/// every one was new; otherwise nothing of it is kept (the caller goes one
+/// by one, to learn which ones were).
+fn insert_all_new(
+    tx: &rusqlite::Transaction,
+    sid: i64,
+    chunk: &[Record],
+    key: impl Fn(&Record) -> i64,
+) -> rusqlite::Result<bool> {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let sql = SQL.get_or_init(|| {
+        let rows: Vec<String> = (0..SEEN_CHUNK).map(|i| format!("(?1, ?{}, ?{})", 2 * i + 2, 2 * i + 3)).collect();
+        format!("INSERT OR IGNORE INTO seen(sid, id, created) VALUES {}", rows.join(", "))
+    });
+    tx.prepare_cached("SAVEPOINT seen_chunk")?.execute([])?;
+    let mut st = tx.prepare_cached(sql)?;
+    st.raw_bind_parameter(1, sid)?;
+    for (i, r) in chunk.iter().enumerate() {
+        st.raw_bind_parameter(2 * i + 2, &r.id)?;
+        st.raw_bind_parameter(2 * i + 3, key(r))?;
+    }
+    let all = st.raw_execute()? == chunk.len();
+    if !all {
+        tx.prepare_cached("ROLLBACK TO seen_chunk")?.execute([])?;
+    }
+    tx.prepare_cached("RELEASE seen_chunk")?.execute([])?;
+    Ok(all)
 }
 
 /// A row's stream name: borrowed when it is a known stream.
