@@ -224,10 +224,9 @@ impl Segments {
         Ok(())
     }
 
-    /// Read `len` bytes at `at` of segment `no` into `buf`.
-    pub fn read(&mut self, no: u64, at: u64, len: usize, buf: &mut Vec<u8>) -> Result<(), String> {
-        buf.clear();
-        buf.reserve_exact(len);
+    /// The `len` bytes at `at` of segment `no`.
+    pub fn read(&mut self, no: u64, at: u64, len: usize) -> Result<Vec<u8>, String> {
+        let mut buf = Vec::with_capacity(len);
         let path = seg_path(&self.dir, no);
         let file = if no == self.writer.no {
             &self.writer.file
@@ -244,12 +243,12 @@ impl Segments {
         // the writer's file offset changes nothing.)
         let mut f: &File = file;
         f.seek(io::SeekFrom::Start(at))
-            .and_then(|_| f.take(len as u64).read_to_end(buf))
+            .and_then(|_| f.take(len as u64).read_to_end(&mut buf))
             .map_err(|e| io_err(&path, format!("reading {len} bytes at {at}: {e}")))?;
         if buf.len() < len {
             return Err(io_err(&path, format!("reading {len} bytes at {at}: only {} there", buf.len())));
         }
-        Ok(())
+        Ok(buf)
     }
 
     /// Delete every segment before `no` (their pages are all delivered);
@@ -334,12 +333,10 @@ mod tests {
         s.writer.end = SEGMENT_MAX;
         let (no, at) = s.append(b"x", false).unwrap();
         assert_eq!((no, at), (2, 0));
-        let mut buf = Vec::new();
-        s.read(1, 0, 5, &mut buf).unwrap();
-        assert_eq!(buf, b"hello");
+        assert_eq!(s.read(1, 0, 5).unwrap(), b"hello");
         s.remove_before(2);
         assert!(!seg_path(&d, 1).exists() && seg_path(&d, 2).exists());
-        assert!(s.read(1, 0, 5, &mut buf).unwrap_err().contains("0000000000000001.seg"));
+        assert!(s.read(1, 0, 5).unwrap_err().contains("0000000000000001.seg"));
         drop(s);
         // A database restored without its segments says which file is missing and why it matters.
         let e = Segments::open(&d, &BTreeMap::from([(1, 5)])).err().unwrap();

@@ -125,7 +125,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// `seen` has no index by `createdAt` (it would double the cost of every
-/// insert), so pruning scans the stream's ids; it runs when the horizon
+/// insert), so pruning scans `seen`; it runs when the horizon
 /// has moved this far (ms) since the last prune, and at the first window
 /// after start. Keeping ids longer than needed is always safe.
 const PRUNE_STEP: i64 = 10 * 60_000;
@@ -508,9 +508,7 @@ impl Store {
                         .prepare_cached("SELECT sid FROM stream_keys WHERE name = ?1")
                         .and_then(|mut st| st.query_row([&stream], |r| r.get(0)))
                         .map_err(|e| sq(inner, e))?;
-                    for r in &records {
-                        stats.max_created = Some(stats.max_created.map_or(r.created, |m| m.max(r.created)));
-                    }
+                    stats.max_created = records.iter().map(|r| r.created).max();
                     let key = |r: &Record| if r.created < from { to } else { r.created };
                     let mut rest = &records[..];
                     while !rest.is_empty() {
@@ -732,10 +730,10 @@ impl Store {
                     p.get(5).map_err(|e| sq(inner, e))?,
                 );
                 let stream = stream_name(name);
-                let mut buf = Vec::new();
-                segs.read(no as u64, at as u64, len as usize, &mut buf)
+                let buf = segs
+                    .read(no as u64, at as u64, len as usize)
+                    .map(bytes::Bytes::from)
                     .map_err(|message| StoreError::Other { path: inner.path.display().to_string(), message })?;
-                let buf = bytes::Bytes::from(buf);
                 let damaged = |what: String| StoreError::Other {
                     path: inner.path.display().to_string(),
                     message: format!("journal segment {no} (page from seq {first}): {what}"),

@@ -10,7 +10,7 @@ use std::ops::Deref;
 use bytes::Bytes;
 
 /// Cheaply clonable, immutable UTF-8 text.
-#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Text(Bytes);
 
 impl Text {
@@ -29,12 +29,6 @@ impl Text {
 impl Deref for Text {
     type Target = str;
     fn deref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-impl AsRef<str> for Text {
-    fn as_ref(&self) -> &str {
         self.as_str()
     }
 }
@@ -78,12 +72,6 @@ impl PartialEq<&str> for Text {
 impl PartialEq<String> for Text {
     fn eq(&self, other: &String) -> bool {
         self.as_str() == other
-    }
-}
-
-impl serde::Serialize for Text {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
     }
 }
 
