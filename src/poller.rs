@@ -7,6 +7,7 @@
 //! dedup makes that harmless. Polls of one stream never overlap: one task
 //! runs them one after another.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -14,13 +15,17 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::{StreamConfig, StreamKind};
 use crate::opsera::{ApiError, Client, CountMeaning, Record};
-use crate::store::{Store, StoreError};
+use crate::store::{PageIn, Store, StoreError};
 use crate::window::{self, MINUTE, fmt_date, fmt_rfc3339, fmt_time, now_ms};
 
 /// The v1 endpoints return at most this many records a call.
 pub const V1_CAP: usize = 1000;
 /// Stop paging a window after this many pages, whatever the server says.
 const MAX_PAGES: u32 = 100_000;
+/// Pages fetched ahead while earlier ones are stored.
+const QUEUED_PAGES: usize = 2;
+/// At most this many pages are stored in one transaction.
+const GROUP_PAGES: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
@@ -30,6 +35,9 @@ pub enum PollError {
     Store(#[from] StoreError),
     #[error("cancelled")]
     Cancelled,
+    /// Paging stopped because storing failed (that error is reported).
+    #[error("storing pages stopped")]
+    StorerStopped,
 }
 
 impl PollError {
@@ -189,84 +197,107 @@ impl Poller {
             ("page_size".into(), s.page_size.to_string()),
         ];
         base.extend(s.filters.iter().cloned());
-        let mut report = PollReport::default();
-        let mut max_created: Option<i64> = None;
         let page_size = s.page_size as usize;
         let fetch = |page: u32| {
             let mut q = base.clone();
             q.push(("page".into(), page.to_string()));
             async move { self.client.fetch(s.kind.path(), &q, CountMeaning::Total, cancel).await }
         };
-        // Page the window, fetching the next page while this one is stored.
-        // Records shifting between pages (one written while paging) change
-        // the server's count, so a count that moved, or a total that differs
-        // from what was received, pages the window once more. No per-record
-        // state is kept, so memory does not grow with the window.
-        for pass in 0..2 {
-            let mut received = 0u64;
-            let (mut first_count, mut count, mut count_moved) = (None::<u64>, None::<u64>, false);
-            let mut prev_edges: Option<(crate::text::Text, crate::text::Text)> = None;
-            let mut page = 1u32;
-            self.wait_for_room(0, cancel).await?;
-            let mut current = fetch(page).await?;
-            report.requests += 1;
-            loop {
-                let n = current.records.len();
-                if let Some(c) = current.count {
-                    count_moved |= first_count.is_some_and(|f| f != c);
-                    first_count.get_or_insert(c);
-                    count = Some(c);
+        // Pages go to a storer while the next ones are fetched; the storer
+        // takes whatever has queued up meanwhile as one group (one
+        // transaction, one fsync of each file), so a backfill pays the
+        // disk's latency a group at a time, not a page at a time.
+        let (queue, pages) = tokio::sync::mpsc::channel::<Vec<Record>>(QUEUED_PAGES);
+        let unstored = AtomicU64::new(0);
+        let storing = self.store_pages(pages, (w.start, w.end + MINUTE), now, &unstored);
+        // Page the window. Records shifting between pages (one written while
+        // paging) change the server's count, so a count that moved, or a
+        // total that differs from what was received, pages the window once
+        // more. No per-record state is kept, so memory does not grow with
+        // the window.
+        let paging = async {
+            let queue = queue;
+            let mut requests = 0u32;
+            for pass in 0..2 {
+                let mut received = 0u64;
+                let (mut first_count, mut count, mut count_moved) = (None::<u64>, None::<u64>, false);
+                let mut prev_edges: Option<(crate::text::Text, crate::text::Text)> = None;
+                let mut page = 1u32;
+                loop {
+                    self.wait_for_room(unstored.load(Ordering::Relaxed), cancel).await?;
+                    let current = fetch(page).await?;
+                    requests += 1;
+                    let n = current.records.len();
+                    if let Some(c) = current.count {
+                        count_moved |= first_count.is_some_and(|f| f != c);
+                        first_count.get_or_insert(c);
+                        count = Some(c);
+                    }
+                    received += n as u64;
+                    let edges = match (current.records.first(), current.records.last()) {
+                        (Some(a), Some(b)) => Some((a.id.clone(), b.id.clone())),
+                        _ => None,
+                    };
+                    if edges.is_some() && edges == prev_edges {
+                        // Completing the window would move the watermark past
+                        // records never fetched: fail the poll instead, loudly.
+                        return Err(PollError::Api(ApiError::BadResponse {
+                            url: self.client.url(s.kind.path(), &base),
+                            reason: format!(
+                                "page {page} is the same as page {}: the server does not honour `page`, so the rest \
+                                 of the window cannot be fetched; the checkpoint stays where it is",
+                                page - 1
+                            ),
+                        }));
+                    }
+                    let last = n == 0 || (n < page_size && count.is_none_or(|c| received >= c)) || page >= MAX_PAGES;
+                    if page >= MAX_PAGES && n > 0 {
+                        warn!(pages = MAX_PAGES, "Window has too many pages; the rest is left to the next poll.");
+                    }
+                    if n > 0 {
+                        unstored.fetch_add(n as u64, Ordering::Relaxed);
+                        if queue.send(current.records).await.is_err() {
+                            return Err(PollError::StorerStopped); // its error is the one reported
+                        }
+                    }
+                    if last {
+                        break;
+                    }
+                    prev_edges = edges;
+                    page += 1;
                 }
-                received += n as u64;
-                let edges = match (current.records.first(), current.records.last()) {
-                    (Some(a), Some(b)) => Some((a.id.clone(), b.id.clone())),
-                    _ => None,
-                };
-                if edges.is_some() && edges == prev_edges {
-                    // Completing the window would move the watermark past
-                    // records never fetched: fail the poll instead, loudly.
-                    return Err(PollError::Api(ApiError::BadResponse {
-                        url: self.client.url(s.kind.path(), &base),
-                        reason: format!(
-                            "page {page} is the same as page {}: the server does not honour `page`, so the rest of \
-                             the window cannot be fetched; the checkpoint stays where it is",
-                            page - 1
-                        ),
-                    }));
+                let moved = count_moved || count.is_some_and(|c| c != received);
+                if moved {
+                    if pass == 0 {
+                        info!(count = ?count, received, "Records moved while paging; paging the window again.");
+                        continue;
+                    }
+                    warn!(
+                        count = ?count,
+                        received,
+                        "Records received still differ from the server's count; the next poll's overlap picks up what was missed."
+                    );
                 }
-                let last = n == 0 || (n < page_size && count.is_none_or(|c| received >= c)) || page >= MAX_PAGES;
-                if page >= MAX_PAGES && n > 0 {
-                    warn!(pages = MAX_PAGES, "Window has too many pages; the rest is left to the next poll.");
-                }
-                let window = (w.start, w.end + MINUTE);
-                if last {
-                    self.ingest(current.records, window, now, &mut report, &mut max_created).await?;
-                    break;
-                }
-                prev_edges = edges;
-                // Room for this page and the next before asking for the next.
-                self.wait_for_room(n as u64, cancel).await?;
-                page += 1;
-                let (stored, next) =
-                    tokio::join!(self.ingest(current.records, window, now, &mut report, &mut max_created), fetch(page));
-                stored?;
-                current = next?;
-                report.requests += 1;
+                break;
             }
-            let moved = count_moved || count.is_some_and(|c| c != received);
-            if moved {
-                if pass == 0 {
-                    info!(count = ?count, received, "Records moved while paging; paging the window again.");
-                    continue;
+            Ok(requests)
+        };
+        let (requests, (mut report, max_created)) = {
+            tokio::pin!(paging, storing);
+            tokio::select! {
+                // A storer that failed ends the poll at once; one that
+                // finished did so because paging ended and closed the queue.
+                stored = &mut storing => {
+                    let stored = stored?;
+                    (paging.await?, stored)
                 }
-                warn!(
-                    count = ?count,
-                    received,
-                    "Records received still differ from the server's count; the next poll's overlap picks up what was missed."
-                );
+                paged = &mut paging => {
+                    let stored = storing.await?;
+                    (paged?, stored)
+                }
             }
-            break;
-        }
+        };
+        report.requests = requests;
         self.finish(max_created, w.end, now, report).await
     }
 
@@ -297,31 +328,60 @@ impl Poller {
                 self.store.count_truncated_day(&s.name).await?;
                 crate::metrics::get().truncated_days.get_or_create(&crate::metrics::stream(&s.name)).inc();
             }
-            self.ingest(p.records, (day, day + window::DAY), now, &mut report, &mut max_created).await?;
+            self.ingest(vec![p.records], (day, day + window::DAY), now, &mut report, &mut max_created).await?;
         }
         self.finish(max_created, window::floor_to(now, MINUTE) - MINUTE, now, report).await
     }
 
-    /// Store one page that answered a query for `[from, to)`.
+    /// Store the pages sent on `pages`, which answered a query for
+    /// `window`, a group at a time; what was stored, and the newest
+    /// `createdAt`.
+    async fn store_pages(
+        &self,
+        mut pages: tokio::sync::mpsc::Receiver<Vec<Record>>,
+        window: (i64, i64),
+        now: i64,
+        unstored: &AtomicU64,
+    ) -> Result<(PollReport, Option<i64>), PollError> {
+        let (mut report, mut max_created) = (PollReport::default(), None);
+        while let Some(first) = pages.recv().await {
+            let mut group = vec![first];
+            while group.len() < GROUP_PAGES {
+                match pages.try_recv() {
+                    Ok(page) => group.push(page),
+                    Err(_) => break,
+                }
+            }
+            let n: usize = group.iter().map(Vec::len).sum();
+            self.ingest(group, window, now, &mut report, &mut max_created).await?;
+            unstored.fetch_sub(n as u64, Ordering::Relaxed);
+        }
+        Ok((report, max_created))
+    }
+
+    /// Store pages that answered a query for `[from, to)`, in one transaction.
     async fn ingest(
         &self,
-        records: Vec<Record>,
+        pages: Vec<Vec<Record>>,
         (from, to): (i64, i64),
         now: i64,
         report: &mut PollReport,
         max: &mut Option<i64>,
     ) -> Result<(), PollError> {
-        report.fetched += records.len() as u64;
-        if records.is_empty() {
+        let n: usize = pages.iter().map(Vec::len).sum();
+        report.fetched += n as u64;
+        if n == 0 {
             return Ok(());
         }
-        warn_out_of_window(&records, from, to, now);
-        let n = records.len() as u64;
-        let st = self.store.ingest(&self.stream.name, records, (from, to)).await?;
+        for records in &pages {
+            warn_out_of_window(records, from, to, now);
+        }
+        let pages = pages.into_iter().map(|records| PageIn { records, window: (from, to) }).collect();
+        let st = self.store.ingest_pages(&self.stream.name, pages).await?;
         crate::health::Health::get().poll_progress(&self.stream.name);
         let m = crate::metrics::get();
         let label = crate::metrics::stream(&self.stream.name);
-        m.records_fetched.get_or_create(&label).inc_by(n);
+        m.records_fetched.get_or_create(&label).inc_by(n as u64);
         m.records_stored.get_or_create(&label).inc_by(st.new);
         m.records_duplicate.get_or_create(&label).inc_by(st.duplicate);
         report.new += st.new;

@@ -99,7 +99,6 @@ pub struct Segments {
     writer: Writer,
     /// Every segment file that exists, by number.
     existing: BTreeSet<u64>,
-    readers: BTreeMap<u64, File>,
 }
 
 /// The directory of `db`'s segments.
@@ -111,6 +110,24 @@ pub fn dir_for(db: &Path) -> PathBuf {
 
 fn seg_path(dir: &Path, no: u64) -> PathBuf {
     dir.join(format!("{no:016}.seg"))
+}
+
+/// The `len` bytes at `at` of segment `no` in `dir`. Needs no lock: it
+/// opens the file itself, and reads only bytes of committed pages, which
+/// are never written again, nor deleted while a sink has yet to read them.
+pub fn read(dir: &Path, no: u64, at: u64, len: usize) -> Result<Vec<u8>, String> {
+    let path = seg_path(dir, no);
+    let mut buf = Vec::with_capacity(len);
+    // Seek and read into the reserved capacity: `read_exact_at` would need
+    // the buffer zeroed first.
+    let mut f = File::open(&path).map_err(|e| io_err(&path, e))?;
+    f.seek(io::SeekFrom::Start(at))
+        .and_then(|_| f.take(len as u64).read_to_end(&mut buf))
+        .map_err(|e| io_err(&path, format!("reading {len} bytes at {at}: {e}")))?;
+    if buf.len() < len {
+        return Err(io_err(&path, format!("reading {len} bytes at {at}: only {} there", buf.len())));
+    }
+    Ok(buf)
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> String {
@@ -172,12 +189,7 @@ impl Segments {
         // The segment's name must be durable before any page in it commits.
         sync_dir(dir)?;
         existing.insert(newest);
-        let mut s = Segments {
-            dir: dir.to_path_buf(),
-            writer: Writer { no: newest, file, end },
-            existing,
-            readers: BTreeMap::new(),
-        };
+        let mut s = Segments { dir: dir.to_path_buf(), writer: Writer { no: newest, file, end }, existing };
         let unreferenced: Vec<u64> =
             s.existing.iter().copied().filter(|n| *n != newest && !committed.contains_key(n)).collect();
         for no in unreferenced {
@@ -189,19 +201,40 @@ impl Segments {
     /// Append `bytes` (whole frames) and sync them; returns (segment, offset).
     /// `idle` says nothing else is left to deliver. On error nothing is kept.
     pub fn append(&mut self, bytes: &[u8], idle: bool) -> Result<(u64, u64), String> {
+        let (no, at) = self.write(bytes, Some(idle))?;
+        if let Err(e) = self.sync() {
+            self.rollback(no, at);
+            return Err(e);
+        }
+        Ok((no, at))
+    }
+
+    /// Append `bytes` (whole frames) without syncing; returns (segment,
+    /// offset). The first write of a group passes `Some(idle)` and may
+    /// start a new segment; later ones (`None`) stay in the same segment,
+    /// so one `sync` covers the group. On error nothing of `bytes` is kept.
+    pub fn write(&mut self, bytes: &[u8], first: Option<bool>) -> Result<(u64, u64), String> {
         let w = &self.writer;
-        if w.end > 0 && (w.end >= SEGMENT_MAX || (idle && w.end >= SEGMENT_IDLE_MAX)) {
+        if let Some(idle) = first
+            && w.end > 0
+            && (w.end >= SEGMENT_MAX || (idle && w.end >= SEGMENT_IDLE_MAX))
+        {
             self.rotate()?;
         }
         let w = &mut self.writer;
         let at = w.end;
-        let path = seg_path(&self.dir, w.no);
-        if let Err(e) = w.file.write_all_at(bytes, at).and_then(|()| w.file.sync_data()) {
+        if let Err(e) = w.file.write_all_at(bytes, at) {
             let _ = w.file.set_len(at);
-            return Err(io_err(&path, e));
+            return Err(io_err(&seg_path(&self.dir, w.no), e));
         }
         w.end = at + bytes.len() as u64;
         Ok((w.no, at))
+    }
+
+    /// Make everything written so far durable.
+    pub fn sync(&mut self) -> Result<(), String> {
+        let w = &self.writer;
+        w.file.sync_data().map_err(|e| io_err(&seg_path(&self.dir, w.no), e))
     }
 
     /// The page appended at (`no`, `at`) did not commit: forget its bytes.
@@ -224,33 +257,6 @@ impl Segments {
         Ok(())
     }
 
-    /// The `len` bytes at `at` of segment `no`.
-    pub fn read(&mut self, no: u64, at: u64, len: usize) -> Result<Vec<u8>, String> {
-        let mut buf = Vec::with_capacity(len);
-        let path = seg_path(&self.dir, no);
-        let file = if no == self.writer.no {
-            &self.writer.file
-        } else {
-            match self.readers.entry(no) {
-                std::collections::btree_map::Entry::Occupied(f) => f.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(File::open(&path).map_err(|e| io_err(&path, e))?)
-                }
-            }
-        };
-        // Seek and read into the reserved capacity: `read_exact_at` would
-        // need the buffer zeroed first. (Writes are positional, so moving
-        // the writer's file offset changes nothing.)
-        let mut f: &File = file;
-        f.seek(io::SeekFrom::Start(at))
-            .and_then(|_| f.take(len as u64).read_to_end(&mut buf))
-            .map_err(|e| io_err(&path, format!("reading {len} bytes at {at}: {e}")))?;
-        if buf.len() < len {
-            return Err(io_err(&path, format!("reading {len} bytes at {at}: only {} there", buf.len())));
-        }
-        Ok(buf)
-    }
-
     /// Delete every segment before `no` (their pages are all delivered);
     /// the one being written is kept.
     pub fn remove_before(&mut self, no: u64) {
@@ -266,7 +272,6 @@ impl Segments {
     }
 
     fn remove(&mut self, no: u64) {
-        self.readers.remove(&no);
         let path = seg_path(&self.dir, no);
         match std::fs::remove_file(&path) {
             Ok(()) => {
@@ -333,10 +338,10 @@ mod tests {
         s.writer.end = SEGMENT_MAX;
         let (no, at) = s.append(b"x", false).unwrap();
         assert_eq!((no, at), (2, 0));
-        assert_eq!(s.read(1, 0, 5).unwrap(), b"hello");
+        assert_eq!(read(&d, 1, 0, 5).unwrap(), b"hello");
         s.remove_before(2);
         assert!(!seg_path(&d, 1).exists() && seg_path(&d, 2).exists());
-        assert!(s.read(1, 0, 5).unwrap_err().contains("0000000000000001.seg"));
+        assert!(read(&d, 1, 0, 5).unwrap_err().contains("0000000000000001.seg"));
         drop(s);
         // A database restored without its segments says which file is missing and why it matters.
         let e = Segments::open(&d, &BTreeMap::from([(1, 5)])).err().unwrap();

@@ -169,7 +169,14 @@ pub struct SinkCursor {
     pub file: Option<FilePos>,
 }
 
-/// What ingesting a page did.
+/// A page to store: its records, and the `(from, to)` window it answers.
+#[derive(Debug)]
+pub struct PageIn {
+    pub records: Vec<Record>,
+    pub window: (i64, i64),
+}
+
+/// What ingesting pages did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IngestStats {
     pub new: u64,
@@ -253,9 +260,15 @@ pub struct Status {
 struct Inner {
     path: PathBuf,
     conn: Mutex<Connection>,
-    /// The segment files; `None` for a read-only open (`status`). Locked
-    /// only while `conn` is held.
+    /// A second, read-only connection for the sinks' reads, so that a sink
+    /// reading the journal does not wait while a page group is synced and
+    /// committed on `conn` (WAL lets readers run beside the writer).
+    /// `None` for a read-only open (`status`).
+    reader: Option<Mutex<Connection>>,
+    /// The segment files, written under `conn`; `None` for a read-only open.
     segments: Mutex<Option<Segments>>,
+    /// Where the segment files are.
+    segments_dir: PathBuf,
     journal_records: AtomicU64,
     journal_bytes: AtomicU64,
     /// Per stream, the horizon of the last prune of `seen`.
@@ -385,6 +398,15 @@ impl Store {
         } else {
             None
         };
+        let reader = if writer {
+            let r = Connection::open(path).map_err(sq)?;
+            r.busy_timeout(std::time::Duration::from_secs(10)).map_err(sq)?;
+            // It reads only `journal_pages`: a small cache does.
+            r.execute_batch("PRAGMA query_only = ON; PRAGMA cache_size = -64;").map_err(sq)?;
+            Some(Mutex::new(r))
+        } else {
+            None
+        };
         let (records, bytes): (i64, i64) = conn
             .query_row("SELECT coalesce(sum(records), 0), coalesce(sum(body_bytes), 0) FROM journal_pages", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -394,7 +416,9 @@ impl Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 conn: Mutex::new(conn),
+                reader,
                 segments: Mutex::new(segments),
+                segments_dir: segments::dir_for(path),
                 pruned: Mutex::new(std::collections::HashMap::new()),
                 journal_records: AtomicU64::new(records as u64),
                 journal_bytes: AtomicU64::new(bytes as u64),
@@ -430,6 +454,25 @@ impl Store {
         tokio::task::spawn_blocking(move || {
             let mut conn = lock(&inner.conn);
             f(&inner, &mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Other {
+            path: self.inner.path.display().to_string(),
+            message: format!("store task failed: {e}"),
+        })?
+    }
+
+    /// Like `run`, on the read-only connection (an error for a read-only open).
+    async fn run_read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner, &Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let reader = inner.reader.as_ref().ok_or_else(|| read_only(&inner))?;
+            let conn = lock(reader);
+            f(&inner, &conn)
         })
         .await
         .map_err(|e| StoreError::Other {
@@ -481,25 +524,31 @@ impl Store {
         .await
     }
 
-    /// Store a page: new ids go to `seen` and the journal, in one transaction.
-    ///
-    /// `(from, to)` is the window the page answers. The id of a record
-    /// created before `from` (a server that ignores its bounds) is
-    /// remembered as if created at `to`, and again each time it is served,
-    /// so pruning cannot forget it while the server still returns it, and
-    /// it is never delivered twice.
+    /// Store one page that answered a query for `[from, to)`; see `ingest_pages`.
     pub async fn ingest(
         &self,
         stream: &str,
         records: Vec<Record>,
-        (from, to): (i64, i64),
+        window: (i64, i64),
     ) -> Result<IngestStats, StoreError> {
+        self.ingest_pages(stream, vec![PageIn { records, window }]).await
+    }
+
+    /// Store pages of one stream in one transaction: their new records are
+    /// appended to the segment and synced once, then their ids and journal
+    /// rows (one per page) commit together, so a group of pages costs two
+    /// fsyncs, not two a page. `window` is the `(from, to)` a page answers.
+    /// The id of a record created before `from` (a server that ignores its
+    /// bounds) is remembered as if created at `to`, and again each time it
+    /// is served, so pruning cannot forget it while the server still
+    /// returns it, and it is never delivered twice.
+    pub async fn ingest_pages(&self, stream: &str, pages: Vec<PageIn>) -> Result<IngestStats, StoreError> {
         let stream = stream.to_string();
         let stats = self
             .run(move |inner, conn| {
                 let mut stats = IngestStats::default();
-                let mut new = Vec::with_capacity(records.len());
                 let tx = conn.transaction().map_err(|e| sq(inner, e))?;
+                let mut new: Vec<Vec<bool>> = Vec::with_capacity(pages.len());
                 {
                     tx.prepare_cached("INSERT OR IGNORE INTO stream_keys(name) VALUES (?1)")
                         .and_then(|mut st| st.execute([&stream]))
@@ -508,64 +557,41 @@ impl Store {
                         .prepare_cached("SELECT sid FROM stream_keys WHERE name = ?1")
                         .and_then(|mut st| st.query_row([&stream], |r| r.get(0)))
                         .map_err(|e| sq(inner, e))?;
-                    stats.max_created = records.iter().map(|r| r.created).max();
-                    let key = |r: &Record| if r.created < from { to } else { r.created };
-                    let mut rest = &records[..];
-                    while !rest.is_empty() {
-                        let (chunk, tail) = rest.split_at(rest.len().min(SEEN_CHUNK));
-                        rest = tail;
-                        if chunk.len() == SEEN_CHUNK
-                            && insert_all_new(&tx, sid, chunk, key).map_err(|e| sq(inner, e))?
-                        {
-                            new.extend(std::iter::repeat_n(true, chunk.len()));
-                            stats.new += chunk.len() as u64;
-                            continue;
-                        }
-                        // One by one: some ids were seen before (or repeat in this page).
-                        let mut seen = tx
-                            .prepare_cached("INSERT OR IGNORE INTO seen(sid, id, created) VALUES (?1, ?2, ?3)")
-                            .map_err(|e| sq(inner, e))?;
-                        for r in chunk {
-                            let is_new = seen.execute(params![sid, r.id, key(r)]).map_err(|e| sq(inner, e))? == 1;
-                            new.push(is_new);
-                            if is_new {
-                                stats.new += 1;
-                            } else {
-                                stats.duplicate += 1;
-                                if r.created < from {
-                                    // Served again out of its window: keep remembering it.
-                                    tx.prepare_cached(
-                                        "UPDATE seen SET created = ?3 WHERE sid = ?1 AND id = ?2 AND created < ?3",
-                                    )
-                                    .and_then(|mut u| u.execute(params![sid, r.id, key(r)]))
-                                    .map_err(|e| sq(inner, e))?;
-                                }
-                            }
-                        }
+                    stats.max_created = pages.iter().flat_map(|p| &p.records).map(|r| r.created).max();
+                    for page in &pages {
+                        let fresh = remember_ids(&tx, sid, page, &mut stats).map_err(|e| sq(inner, e))?;
+                        new.push(fresh);
                     }
                 }
                 if stats.new == 0 {
                     tx.commit().map_err(|e| sq(inner, e))?;
                     return Ok(stats);
                 }
-                // Frame the new records, freeing each body once copied: the
-                // page is held once, not twice.
-                let size =
-                    records.iter().zip(&new).filter(|(_, n)| **n).map(|(r, _)| segments::frame_len(&r.id, &r.body));
-                let mut page = PageFrames { bytes: Vec::with_capacity(size.sum()), ..PageFrames::default() };
-                for (r, _) in records.into_iter().zip(new).filter(|(_, n)| *n) {
-                    page.push(&r.id, r.created, &r.body);
-                }
+                // Write each page's new records as soon as it is framed, and
+                // free the page then: pages are not held twice.
                 let mut segs = lock(&inner.segments);
                 let segs = segs.as_mut().ok_or_else(|| read_only(inner))?;
                 let idle = inner.journal_records.load(Ordering::Relaxed) == 0;
-                let (no, at) = append_page(&inner.path, &tx, segs, &stream, &page, None, idle)?;
+                let mut writer = PageWriter::new(segs, idle);
+                for (page, fresh) in pages.into_iter().zip(new) {
+                    let kept = || page.records.iter().zip(&fresh).filter(|(_, n)| **n).map(|(r, _)| r);
+                    writer.start_page(&stream, None, kept().map(|r| segments::frame_len(&r.id, &r.body)).sum());
+                    for r in kept() {
+                        writer.push(&r.id, r.created, &r.body);
+                    }
+                    drop(page);
+                    if let Err(message) = writer.end_page() {
+                        writer.rollback();
+                        return Err(StoreError::Other { path: inner.path.display().to_string(), message });
+                    }
+                }
+                writer.finish(&inner.path, &tx)?;
                 if let Err(e) = tx.commit() {
-                    segs.rollback(no, at);
+                    writer.rollback();
                     return Err(sq(inner, e));
                 }
                 inner.journal_records.fetch_add(stats.new, Ordering::Relaxed);
-                inner.journal_bytes.fetch_add(page.body_bytes as u64, Ordering::Relaxed);
+                inner.journal_bytes.fetch_add(writer.body_bytes() as u64, Ordering::Relaxed);
                 Ok(stats)
             })
             .await?;
@@ -691,9 +717,7 @@ impl Store {
         max_bytes: usize,
         overhead: usize,
     ) -> Result<Batch, StoreError> {
-        self.run(move |inner, conn| {
-            let mut segs = lock(&inner.segments);
-            let segs = segs.as_mut().ok_or_else(|| read_only(inner))?;
+        self.run_read(move |inner, conn| {
             // From the page holding `after + 1` (or the first after it) on.
             let mut stmt = conn
                 .prepare_cached(
@@ -703,7 +727,7 @@ impl Store {
                 )
                 .map_err(|e| sq(inner, e))?;
             let mut pages = stmt.query([after]).map_err(|e| sq(inner, e))?;
-            let mut batch = Batch { rows: Vec::new(), last_seq: after };
+            let mut batch = Batch { rows: Vec::with_capacity(limit.min(8192)), last_seq: after };
             let (mut bytes, mut scanned) = (0usize, 0usize);
             'pages: while let Some(p) = pages.next().map_err(|e| sq(inner, e))? {
                 let (first, records): (i64, i64) =
@@ -730,8 +754,7 @@ impl Store {
                     p.get(5).map_err(|e| sq(inner, e))?,
                 );
                 let stream = stream_name(name);
-                let buf = segs
-                    .read(no as u64, at as u64, len as usize)
+                let buf = segments::read(&inner.segments_dir, no as u64, at as u64, len as usize)
                     .map(bytes::Bytes::from)
                     .map_err(|message| StoreError::Other { path: inner.path.display().to_string(), message })?;
                 let damaged = |what: String| StoreError::Other {
@@ -1133,64 +1156,123 @@ fn trim_in(inner: &Inner, tx: &rusqlite::Transaction) -> Result<(u64, u64), Stor
     Ok((n as u64, bytes as u64))
 }
 
-/// One page's new records, framed for a segment.
-#[derive(Default)]
-struct PageFrames {
-    bytes: Vec<u8>,
+/// Journal pages being written to the current segment: each page's frames
+/// go out as soon as the page is complete (through one reused buffer), and
+/// one sync covers them all.
+struct PageWriter<'a> {
+    segs: &'a mut Segments,
+    idle: bool,
+    buf: Vec<u8>,
+    /// Where the first page went: everything from there is rolled back if
+    /// the pages do not commit.
+    start: Option<(u64, u64)>,
+    pages: Vec<PageMeta>,
+}
+
+/// One journal page: where its frames are, and what they hold.
+struct PageMeta {
+    stream: String,
+    /// Its first `seq`, or `None` for the next after the highest so far.
+    first: Option<i64>,
+    segment: u64,
+    offset: u64,
+    len: usize,
     records: i64,
     body_bytes: i64,
     min_created: i64,
 }
 
-impl PageFrames {
-    fn push(&mut self, id: &str, created: i64, body: &str) {
-        segments::encode(&mut self.bytes, id, created, body);
-        self.min_created = if self.records == 0 { created } else { self.min_created.min(created) };
-        self.records += 1;
-        self.body_bytes += body.len() as i64;
+impl<'a> PageWriter<'a> {
+    /// `idle` says nothing else is left to deliver (a segment may close early).
+    fn new(segs: &'a mut Segments, idle: bool) -> Self {
+        Self { segs, idle, buf: Vec::new(), start: None, pages: Vec::new() }
     }
-}
 
-/// Write a page's frames to the current segment (synced) and index them in
-/// `tx`, numbered from `first` or else after the highest `seq` so far.
-/// Returns where they went, to roll back if `tx` does not commit.
-fn append_page(
-    path: &Path,
-    tx: &rusqlite::Transaction,
-    segs: &mut Segments,
-    stream: &str,
-    page: &PageFrames,
-    first: Option<i64>,
-    idle: bool,
-) -> Result<(u64, u64), StoreError> {
-    let (no, at) = segs
-        .append(&page.bytes, idle)
-        .map_err(|message| StoreError::Other { path: path.display().to_string(), message })?;
-    let indexed = (|| {
-        let high: i64 = tx.prepare_cached("SELECT high FROM journal_seq")?.query_row([], |r| r.get(0))?;
-        let first = first.unwrap_or(high + 1);
-        tx.prepare_cached(
-            "INSERT INTO journal_pages(first_seq, records, stream, segment, offset, len, body_bytes, min_created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?
-        .execute(params![
+    /// Start a page of about `size` bytes of frames.
+    fn start_page(&mut self, stream: &str, first: Option<i64>, size: usize) {
+        self.buf.clear();
+        self.buf.reserve(size);
+        self.pages.push(PageMeta {
+            stream: stream.to_string(),
             first,
-            page.records,
-            stream,
-            no as i64,
-            at as i64,
-            page.bytes.len() as i64,
-            page.body_bytes,
-            page.min_created
-        ])?;
-        tx.prepare_cached("UPDATE journal_seq SET high = max(high, ?1)")?.execute([first + page.records - 1])?;
-        Ok(())
-    })();
-    if let Err(source) = indexed {
-        segs.rollback(no, at);
-        return Err(StoreError::Sqlite { path: path.display().to_string(), source });
+            segment: 0,
+            offset: 0,
+            len: 0,
+            records: 0,
+            body_bytes: 0,
+            min_created: 0,
+        });
     }
-    Ok((no, at))
+
+    /// Add a record to the page started last.
+    fn push(&mut self, id: &str, created: i64, body: &str) {
+        segments::encode(&mut self.buf, id, created, body);
+        let page = self.pages.last_mut().expect("a page is started before records are pushed");
+        page.min_created = if page.records == 0 { created } else { page.min_created.min(created) };
+        page.records += 1;
+        page.body_bytes += body.len() as i64;
+    }
+
+    /// Write the page started last (not synced yet); an empty one is dropped.
+    fn end_page(&mut self) -> Result<(), String> {
+        if self.buf.is_empty() {
+            self.pages.pop();
+            return Ok(());
+        }
+        let (no, at) = self.segs.write(&self.buf, self.start.is_none().then_some(self.idle))?;
+        self.start.get_or_insert((no, at));
+        let page = self.pages.last_mut().expect("a page was started");
+        (page.segment, page.offset, page.len) = (no, at, self.buf.len());
+        Ok(())
+    }
+
+    fn body_bytes(&self) -> i64 {
+        self.pages.iter().map(|p| p.body_bytes).sum()
+    }
+
+    /// Sync the written pages and index them in `tx`; on error everything
+    /// written is rolled back.
+    fn finish(&mut self, path: &Path, tx: &rusqlite::Transaction) -> Result<(), StoreError> {
+        if let Err(message) = self.segs.sync() {
+            self.rollback();
+            return Err(StoreError::Other { path: path.display().to_string(), message });
+        }
+        let indexed = (|| {
+            let mut high: i64 = tx.prepare_cached("SELECT high FROM journal_seq")?.query_row([], |r| r.get(0))?;
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO journal_pages(first_seq, records, stream, segment, offset, len, body_bytes, min_created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for page in &self.pages {
+                let first = page.first.unwrap_or(high + 1);
+                insert.execute(params![
+                    first,
+                    page.records,
+                    page.stream,
+                    page.segment as i64,
+                    page.offset as i64,
+                    page.len as i64,
+                    page.body_bytes,
+                    page.min_created
+                ])?;
+                high = high.max(first + page.records - 1);
+            }
+            tx.prepare_cached("UPDATE journal_seq SET high = max(high, ?1)")?.execute([high])?;
+            Ok(())
+        })();
+        if let Err(source) = indexed {
+            self.rollback();
+            return Err(StoreError::Sqlite { path: path.display().to_string(), source });
+        }
+        Ok(())
+    }
+
+    /// The pages did not commit: forget their bytes.
+    fn rollback(&mut self) {
+        if let Some((no, at)) = self.start {
+            self.segs.rollback(no, at);
+        }
+    }
 }
 
 /// Move the per-record journal of schema versions 1–3 into segments, keeping
@@ -1206,20 +1288,22 @@ fn convert_old_journal(conn: &mut Connection, segs: &mut Segments, path: &Path) 
             })
             .map_err(sq)?;
         let Some(last) = rows.last().map(|r| r.0) else { return Ok(()) };
+        let mut pages = PageWriter::new(segs, false);
         let mut i = 0;
         while i < rows.len() {
             let (first, stream) = (rows[i].0, &rows[i].1);
-            let mut page = PageFrames::default();
-            while i < rows.len()
-                && &rows[i].1 == stream
-                && rows[i].0 == first + page.records
-                && (page.records as usize) < CONVERT_PAGE
-            {
-                page.push(&rows[i].2, rows[i].3, &rows[i].4);
-                i += 1;
+            pages.start_page(stream, Some(first), 0);
+            let mut n = 0;
+            while i < rows.len() && &rows[i].1 == stream && rows[i].0 == first + n && (n as usize) < CONVERT_PAGE {
+                pages.push(&rows[i].2, rows[i].3, &rows[i].4);
+                (i, n) = (i + 1, n + 1);
             }
-            append_page(path, &tx, segs, stream, &page, Some(first), false)?;
+            if let Err(message) = pages.end_page() {
+                pages.rollback();
+                return Err(StoreError::Other { path: path.display().to_string(), message });
+            }
         }
+        pages.finish(path, &tx)?;
         tx.execute("DELETE FROM journal WHERE seq <= ?1", [last]).map_err(sq)?;
         tx.commit().map_err(sq)?;
         tracing::info!(db = %path.display(), through_seq = last, "Moved journaled records into segment files.");
@@ -1280,6 +1364,43 @@ fn refuse_newer(version: i64, path: &Path) -> Result<(), StoreError> {
 /// common case), one statement for all; small in unit tests, so that they
 /// take both paths.
 const SEEN_CHUNK: usize = if cfg!(test) { 4 } else { 64 };
+
+/// Put a page's ids into `seen`, counting them in `stats`; which records
+/// were new, in order. A chunk of ids goes in one statement when all are
+/// new (the usual case in a backfill), else one by one to learn which.
+fn remember_ids(
+    tx: &rusqlite::Transaction,
+    sid: i64,
+    page: &PageIn,
+    stats: &mut IngestStats,
+) -> rusqlite::Result<Vec<bool>> {
+    let (from, to) = page.window;
+    let key = |r: &Record| if r.created < from { to } else { r.created };
+    let mut new = Vec::with_capacity(page.records.len());
+    for chunk in page.records.chunks(SEEN_CHUNK) {
+        if chunk.len() == SEEN_CHUNK && insert_all_new(tx, sid, chunk, key)? {
+            new.extend(std::iter::repeat_n(true, chunk.len()));
+            stats.new += chunk.len() as u64;
+            continue;
+        }
+        let mut seen = tx.prepare_cached("INSERT OR IGNORE INTO seen(sid, id, created) VALUES (?1, ?2, ?3)")?;
+        for r in chunk {
+            let is_new = seen.execute(params![sid, r.id, key(r)])? == 1;
+            new.push(is_new);
+            if is_new {
+                stats.new += 1;
+            } else {
+                stats.duplicate += 1;
+                if r.created < from {
+                    // Served again out of its window: keep remembering it.
+                    tx.prepare_cached("UPDATE seen SET created = ?3 WHERE sid = ?1 AND id = ?2 AND created < ?3")?
+                        .execute(params![sid, r.id, key(r)])?;
+                }
+            }
+        }
+    }
+    Ok(new)
+}
 
 /// Insert `chunk`'s ids in one statement, inside a savepoint. `true` when
 /// every one was new; otherwise nothing of it is kept (the caller goes one
@@ -1485,6 +1606,69 @@ mod tests {
     }
 
     #[test]
+    fn a_group_that_fails_to_commit_leaves_nothing_behind() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let db = dir.path().join("s.db");
+            let s = Store::open(&db).unwrap();
+            s.register_sinks(vec!["a".into()]).await.unwrap();
+            s.ingest("u", vec![rec("a", 1)], (0, 0)).await.unwrap();
+            let seg = segments::dir_for(&db).join(format!("{:016}.seg", 1));
+            let len = std::fs::metadata(&seg).unwrap().len();
+            // The second page's journal row is refused: the whole group must go.
+            s.run(|inner, c| {
+                c.execute_batch(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON journal_pages WHEN NEW.records = 3
+                     BEGIN SELECT RAISE(ABORT, 'refused'); END",
+                )
+                .map_err(|e| sq(inner, e))
+            })
+            .await
+            .unwrap();
+            let group = || {
+                vec![
+                    PageIn { records: vec![rec("b", 2), rec("c", 3)], window: (0, 0) },
+                    PageIn { records: vec![rec("d", 4), rec("e", 5), rec("f", 6)], window: (0, 0) },
+                ]
+            };
+            assert!(s.ingest_pages("u", group()).await.is_err());
+            assert_eq!(std::fs::metadata(&seg).unwrap().len(), len, "the group's bytes are cut");
+            assert_eq!(s.backlog().0, 1);
+            s.run(|inner, c| c.execute_batch("DROP TRIGGER refuse").map_err(|e| sq(inner, e))).await.unwrap();
+            // Nothing of it was remembered: it is all new the second time.
+            let st = s.ingest_pages("u", group()).await.unwrap();
+            assert_eq!((st.new, st.duplicate), (5, 0));
+            let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
+            let ids: Vec<String> = b.rows.iter().map(|r| r.id.to_string()).collect();
+            assert_eq!(ids, ["a", "b", "c", "d", "e", "f"]);
+            assert_eq!(b.rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+        });
+    }
+
+    #[test]
+    fn sinks_read_while_the_writer_is_busy() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(&dir.path().join("s.db")).unwrap();
+            s.ingest("u", vec![rec("a", 1), rec("b", 2)], (0, 0)).await.unwrap();
+            // Hold the writer, as a page group being synced and committed does.
+            let (held, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+            let inner = s.inner.clone();
+            let holder = std::thread::spawn(move || {
+                let _writer = lock(&inner.conn);
+                held.0.send(()).unwrap();
+                let _ = release.1.recv();
+            });
+            held.1.recv().unwrap();
+            let read = s.read_batch(0, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1);
+            let b = tokio::time::timeout(std::time::Duration::from_secs(10), read).await;
+            release.0.send(()).unwrap();
+            holder.join().unwrap();
+            assert_eq!(b.expect("a read does not wait for the writer").unwrap().rows.len(), 2);
+        });
+    }
+
+    #[test]
     fn batches_split_pages_and_skip_other_streams() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
@@ -1523,28 +1707,48 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
-        /// Ingesting pages with repeats journals each id exactly once, in first-seen order.
+        /// Ingesting groups of pages with repeats (within a page, across
+        /// the pages of a group, across groups) journals each id exactly
+        /// once, in first-seen order, with a journal page per non-empty page.
         #[test]
-        fn dedup_matches_a_set_model(pages in prop::collection::vec(prop::collection::vec(0u8..40, 0..30), 1..8)) {
+        fn dedup_matches_a_set_model(
+            groups in prop::collection::vec(prop::collection::vec(prop::collection::vec(0u8..40, 0..30), 1..4), 1..6)
+        ) {
             rt().block_on(async {
                 let dir = tempfile::tempdir().unwrap();
                 let s = Store::open(&dir.path().join("s.db")).unwrap();
                 s.register_sinks(vec!["a".into()]).await.unwrap();
                 let mut model = BTreeSet::new();
                 let mut order = Vec::new();
-                for page in &pages {
-                    let recs: Vec<Record> = page.iter().map(|i| rec(&format!("{i:024x}"), *i as i64)).collect();
-                    let stats = s.ingest("u", recs, (0, 0)).await.unwrap();
+                let mut journal_pages = 0;
+                for group in &groups {
+                    let pages = group
+                        .iter()
+                        .map(|page| PageIn {
+                            records: page.iter().map(|i| rec(&format!("{i:024x}"), *i as i64)).collect(),
+                            window: (0, 0),
+                        })
+                        .collect();
+                    let stats = s.ingest_pages("u", pages).await.unwrap();
                     let mut new = 0;
-                    for i in page {
-                        if model.insert(*i) { order.push(format!("{i:024x}")); new += 1; }
+                    for page in group {
+                        let before = new;
+                        for i in page {
+                            if model.insert(*i) { order.push(format!("{i:024x}")); new += 1; }
+                        }
+                        journal_pages += i64::from(new > before);
                     }
                     assert_eq!(stats.new, new);
-                    assert_eq!(stats.new + stats.duplicate, page.len() as u64);
+                    assert_eq!(stats.new + stats.duplicate, group.iter().map(Vec::len).sum::<usize>() as u64);
                 }
                 let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 10_000, usize::MAX, 1).await.unwrap();
                 let got: Vec<String> = b.rows.into_iter().map(|r| r.id.to_string()).collect();
                 assert_eq!(got, order);
+                let rows: i64 = s
+                    .run(|inner, c| c.query_row("SELECT count(*) FROM journal_pages", [], |r| r.get(0)).map_err(|e| sq(inner, e)))
+                    .await
+                    .unwrap();
+                assert_eq!(rows, journal_pages);
             });
         }
     }
