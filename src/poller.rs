@@ -22,10 +22,9 @@ use crate::window::{self, MINUTE, fmt_date, fmt_rfc3339, fmt_time, now_ms};
 pub const V1_CAP: usize = 1000;
 /// Stop paging a window after this many pages, whatever the server says.
 const MAX_PAGES: u32 = 100_000;
-/// Pages fetched ahead while earlier ones are stored.
+/// Pages fetched ahead (queued, or being fetched) while earlier ones are
+/// stored; the storer stores all those queued as one group.
 const QUEUED_PAGES: usize = 2;
-/// At most this many pages are stored in one transaction.
-const GROUP_PAGES: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
@@ -225,6 +224,11 @@ impl Poller {
                 let mut page = 1u32;
                 loop {
                     self.wait_for_room(unstored.load(Ordering::Relaxed), cancel).await?;
+                    // A place in the queue first: a page is not fetched
+                    // only to be held until the storer takes it.
+                    let Ok(slot) = queue.reserve().await else {
+                        return Err(PollError::StorerStopped); // its error is the one reported
+                    };
                     let current = fetch(page).await?;
                     requests += 1;
                     let n = current.records.len();
@@ -256,9 +260,7 @@ impl Poller {
                     }
                     if n > 0 {
                         unstored.fetch_add(n as u64, Ordering::Relaxed);
-                        if queue.send(current.records).await.is_err() {
-                            return Err(PollError::StorerStopped); // its error is the one reported
-                        }
+                        slot.send(current.records);
                     }
                     if last {
                         break;
@@ -346,11 +348,8 @@ impl Poller {
         let (mut report, mut max_created) = (PollReport::default(), None);
         while let Some(first) = pages.recv().await {
             let mut group = vec![first];
-            while group.len() < GROUP_PAGES {
-                match pages.try_recv() {
-                    Ok(page) => group.push(page),
-                    Err(_) => break,
-                }
+            while let Ok(page) = pages.try_recv() {
+                group.push(page);
             }
             let n: usize = group.iter().map(Vec::len).sum();
             self.ingest(group, window, now, &mut report, &mut max_created).await?;
