@@ -375,7 +375,7 @@ impl Store {
         // fills up while pruning scans `seen`, and stays resident.
         conn.execute_batch(
             "PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF; PRAGMA wal_autocheckpoint = 512;
-             PRAGMA cache_size = -512;",
+             PRAGMA cache_size = -512; PRAGMA temp_store = MEMORY;",
         )
         .map_err(sq)?;
         // Every statement this store runs stays prepared (rusqlite keeps 16).
