@@ -24,6 +24,9 @@ use crate::sink::{Batching, Sink, SinkError};
 use crate::store::{FilePos, JournalRow, Store, StoreError};
 use crate::window::now_ms;
 
+/// How often an idle sink looks for dead letters marked for retry.
+const RETRY_CHECK: Duration = Duration::from_secs(5);
+
 /// How the dispatcher ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -141,12 +144,23 @@ impl Dispatcher {
                     return Ok(Exit::Drained);
                 }
                 partial_since = None;
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(Exit::Cancelled),
-                    _ = &mut grew => {}
-                    _ = drain.changed() => {}
-                    _ = reopen.changed() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                // Nothing to deliver: wait for the journal to grow (only this
+                // process writes it), a drain target or a reopen; every few
+                // seconds, look for dead letters that `dead-letters retry`
+                // (another process) marked. An idle sink costs a query per
+                // RETRY_CHECK, nothing more.
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(Exit::Cancelled),
+                        _ = &mut grew => break,
+                        _ = drain.changed() => break,
+                        _ = reopen.changed() => break,
+                        _ = tokio::time::sleep(RETRY_CHECK) => {
+                            if !self.store.retry_requests(&self.name, 1).await?.is_empty() {
+                                break;
+                            }
+                        }
+                    }
                 }
                 continue;
             }
