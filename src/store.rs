@@ -574,13 +574,11 @@ impl Store {
                 let idle = inner.journal_records.load(Ordering::Relaxed) == 0;
                 let mut writer = PageWriter::new(segs, idle);
                 for (page, fresh) in pages.into_iter().zip(new) {
-                    let kept = || page.records.iter().zip(&fresh).filter(|(_, n)| **n).map(|(r, _)| r);
-                    writer.start_page(&stream, None, kept().map(|r| segments::frame_len(&r.id, &r.body)).sum());
-                    for r in kept() {
-                        writer.push(&r.id, r.created, &r.body);
-                    }
+                    writer.start_page(&stream, None);
+                    let mut kept = page.records.iter().zip(&fresh).filter(|(_, n)| **n).map(|(r, _)| r);
+                    let written = kept.try_for_each(|r| writer.push(&r.id, r.created, &r.body));
                     drop(page);
-                    if let Err(message) = writer.end_page() {
+                    if let Err(message) = written.and_then(|()| writer.end_page()) {
                         writer.rollback();
                         return Err(StoreError::Other { path: inner.path.display().to_string(), message });
                     }
@@ -1159,6 +1157,9 @@ fn trim_in(inner: &Inner, tx: &rusqlite::Transaction) -> Result<(u64, u64), Stor
 /// Journal pages being written to the current segment: each page's frames
 /// go out as soon as the page is complete (through one reused buffer), and
 /// one sync covers them all.
+/// A page's frames are written in pieces of about this size.
+const WRITE_CHUNK: usize = 256 << 10;
+
 struct PageWriter<'a> {
     segs: &'a mut Segments,
     idle: bool,
@@ -1188,10 +1189,8 @@ impl<'a> PageWriter<'a> {
         Self { segs, idle, buf: Vec::new(), start: None, pages: Vec::new() }
     }
 
-    /// Start a page of about `size` bytes of frames.
-    fn start_page(&mut self, stream: &str, first: Option<i64>, size: usize) {
-        self.buf.clear();
-        self.buf.reserve(size);
+    /// Start a page.
+    fn start_page(&mut self, stream: &str, first: Option<i64>) {
         self.pages.push(PageMeta {
             stream: stream.to_string(),
             first,
@@ -1204,25 +1203,40 @@ impl<'a> PageWriter<'a> {
         });
     }
 
-    /// Add a record to the page started last.
-    fn push(&mut self, id: &str, created: i64, body: &str) {
+    /// Add a record to the page started last; frames go out (not synced
+    /// yet) in pieces of about `WRITE_CHUNK`, so a page is never held twice.
+    fn push(&mut self, id: &str, created: i64, body: &str) -> Result<(), String> {
         segments::encode(&mut self.buf, id, created, body);
         let page = self.pages.last_mut().expect("a page is started before records are pushed");
         page.min_created = if page.records == 0 { created } else { page.min_created.min(created) };
         page.records += 1;
         page.body_bytes += body.len() as i64;
+        if self.buf.len() >= WRITE_CHUNK { self.flush() } else { Ok(()) }
     }
 
-    /// Write the page started last (not synced yet); an empty one is dropped.
-    fn end_page(&mut self) -> Result<(), String> {
+    /// Write what is buffered of the page started last. Only a group's first
+    /// write may start a new segment, so a page's pieces are contiguous.
+    fn flush(&mut self) -> Result<(), String> {
         if self.buf.is_empty() {
-            self.pages.pop();
             return Ok(());
         }
         let (no, at) = self.segs.write(&self.buf, self.start.is_none().then_some(self.idle))?;
         self.start.get_or_insert((no, at));
         let page = self.pages.last_mut().expect("a page was started");
-        (page.segment, page.offset, page.len) = (no, at, self.buf.len());
+        if page.len == 0 {
+            (page.segment, page.offset) = (no, at);
+        }
+        page.len += self.buf.len();
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Finish the page started last (not synced yet); an empty one is dropped.
+    fn end_page(&mut self) -> Result<(), String> {
+        self.flush()?;
+        if self.pages.last().is_some_and(|p| p.records == 0) {
+            self.pages.pop();
+        }
         Ok(())
     }
 
@@ -1292,13 +1306,14 @@ fn convert_old_journal(conn: &mut Connection, segs: &mut Segments, path: &Path) 
         let mut i = 0;
         while i < rows.len() {
             let (first, stream) = (rows[i].0, &rows[i].1);
-            pages.start_page(stream, Some(first), 0);
+            pages.start_page(stream, Some(first));
             let mut n = 0;
+            let mut written = Ok(());
             while i < rows.len() && &rows[i].1 == stream && rows[i].0 == first + n && (n as usize) < CONVERT_PAGE {
-                pages.push(&rows[i].2, rows[i].3, &rows[i].4);
+                written = written.and_then(|()| pages.push(&rows[i].2, rows[i].3, &rows[i].4));
                 (i, n) = (i + 1, n + 1);
             }
-            if let Err(message) = pages.end_page() {
+            if let Err(message) = written.and_then(|()| pages.end_page()) {
                 pages.rollback();
                 return Err(StoreError::Other { path: path.display().to_string(), message });
             }
@@ -1642,6 +1657,28 @@ mod tests {
             let ids: Vec<String> = b.rows.iter().map(|r| r.id.to_string()).collect();
             assert_eq!(ids, ["a", "b", "c", "d", "e", "f"]);
             assert_eq!(b.rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+        });
+    }
+
+    #[test]
+    fn pages_larger_than_a_write_chunk_read_back_whole() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(&dir.path().join("s.db")).unwrap();
+            let big = |p: usize, i: usize| Record {
+                id: format!("{p}-{i}").into(),
+                created: i as i64,
+                body: format!(r#"{{"_id":"{p}-{i}","pad":"{}"}}"#, "x".repeat(2000 + i)).into(),
+            };
+            let pages: Vec<PageIn> =
+                (0..3).map(|p| PageIn { records: (0..300).map(|i| big(p, i)).collect(), window: (0, 0) }).collect();
+            assert!(pages[0].records.iter().map(|r| r.body.len()).sum::<usize>() > 2 * WRITE_CHUNK);
+            let want: Vec<(String, String)> =
+                pages.iter().flat_map(|p| &p.records).map(|r| (r.id.to_string(), r.body.to_string())).collect();
+            assert_eq!(s.ingest_pages("u", pages).await.unwrap().new, 900);
+            let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 10_000, usize::MAX, 1).await.unwrap();
+            let got: Vec<(String, String)> = b.rows.iter().map(|r| (r.id.to_string(), r.body.to_string())).collect();
+            assert!(got == want, "every record comes back whole and in order");
         });
     }
 
