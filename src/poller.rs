@@ -1,8 +1,10 @@
 //! The per-stream poll loop: checkpoint → window → pages → store.
 //!
 //! Each poll reads one window (v2) or a run of whole UTC days (v1), stores
-//! every page as it arrives (one transaction each), and only when the whole
-//! window is stored moves the watermark. A failed poll leaves the
+//! its pages as they arrive (a v2 window's pages in groups of those that
+//! queued up while the previous group was stored, one transaction a group;
+//! a v1 day in one), and only when the whole window is stored moves the
+//! watermark. A failed poll leaves the
 //! checkpoint where it was, so the next poll asks for the same span again;
 //! dedup makes that harmless. Polls of one stream never overlap: one task
 //! runs them one after another.
