@@ -286,21 +286,10 @@ impl Poller {
             }
             Ok(requests)
         };
-        let (requests, (mut report, max_created)) = {
-            tokio::pin!(paging, storing);
-            tokio::select! {
-                // A storer that failed ends the poll at once; one that
-                // finished did so because paging ended and closed the queue.
-                stored = &mut storing => {
-                    let stored = stored?;
-                    (paging.await?, stored)
-                }
-                paged = &mut paging => {
-                    let stored = storing.await?;
-                    (paged?, stored)
-                }
-            }
-        };
+        // Whichever fails first ends the poll (a storer's error is the one
+        // reported: paging stops when it finds the queue closed); the
+        // storer finishes once paging ends and closes the queue.
+        let (requests, (mut report, max_created)) = tokio::try_join!(paging, storing)?;
         report.requests = requests;
         self.finish(max_created, w.end, now, report).await
     }

@@ -200,7 +200,8 @@ impl Segments {
 
     /// Append `bytes` (whole frames) and sync them; returns (segment, offset).
     /// `idle` says nothing else is left to deliver. On error nothing is kept.
-    pub fn append(&mut self, bytes: &[u8], idle: bool) -> Result<(u64, u64), String> {
+    #[cfg(test)]
+    fn append(&mut self, bytes: &[u8], idle: bool) -> Result<(u64, u64), String> {
         let (no, at) = self.write(bytes, Some(idle))?;
         if let Err(e) = self.sync() {
             self.rollback(no, at);

@@ -1154,12 +1154,12 @@ fn trim_in(inner: &Inner, tx: &rusqlite::Transaction) -> Result<(u64, u64), Stor
     Ok((n as u64, bytes as u64))
 }
 
-/// Journal pages being written to the current segment: each page's frames
-/// go out as soon as the page is complete (through one reused buffer), and
-/// one sync covers them all.
 /// A page's frames are written in pieces of about this size.
 const WRITE_CHUNK: usize = 256 << 10;
 
+/// Journal pages being written to the current segment: frames go out in
+/// pieces as they are pushed (through one reused buffer), and one sync
+/// covers every page of the group.
 struct PageWriter<'a> {
     segs: &'a mut Segments,
     idle: bool,
@@ -1307,13 +1307,15 @@ fn convert_old_journal(conn: &mut Connection, segs: &mut Segments, path: &Path) 
         while i < rows.len() {
             let (first, stream) = (rows[i].0, &rows[i].1);
             pages.start_page(stream, Some(first));
-            let mut n = 0;
-            let mut written = Ok(());
-            while i < rows.len() && &rows[i].1 == stream && rows[i].0 == first + n && (n as usize) < CONVERT_PAGE {
-                written = written.and_then(|()| pages.push(&rows[i].2, rows[i].3, &rows[i].4));
-                (i, n) = (i + 1, n + 1);
-            }
-            if let Err(message) = written.and_then(|()| pages.end_page()) {
+            let written = (|| {
+                let mut n = 0;
+                while i < rows.len() && &rows[i].1 == stream && rows[i].0 == first + n && (n as usize) < CONVERT_PAGE {
+                    pages.push(&rows[i].2, rows[i].3, &rows[i].4)?;
+                    (i, n) = (i + 1, n + 1);
+                }
+                pages.end_page()
+            })();
+            if let Err(message) = written {
                 pages.rollback();
                 return Err(StoreError::Other { path: path.display().to_string(), message });
             }

@@ -124,24 +124,41 @@ fn append_durably(
     Ok(FilePos { dev: m.dev(), ino: m.ino(), offset: m.len() })
 }
 
+/// Append `rows` durably to `file`, opening the file first when it is not open.
+fn write_batch(
+    path: &std::path::Path,
+    file: Option<Arc<File>>,
+    lines: &LineFormat,
+    rows: &[JournalRow],
+) -> Result<(Arc<File>, FilePos), SinkError> {
+    let f = match file {
+        Some(f) => f,
+        None => Arc::new(open_append(path)?),
+    };
+    let pos = append_durably(path, &f, lines, rows)?;
+    Ok((f, pos))
+}
+
 #[async_trait]
 impl Sink for FileSink {
     async fn deliver(&mut self, rows: &[JournalRow]) -> Result<Option<FilePos>, SinkError> {
-        let write = || -> Result<(Arc<File>, FilePos), SinkError> {
-            let f = match self.file.clone() {
-                Some(f) => f,
-                None => Arc::new(open_append(&self.path)?),
-            };
-            let pos = append_durably(&self.path, &f, &self.lines, rows)?;
-            Ok((f, pos))
-        };
-        // Write and fsync on this thread, handing the runtime's other tasks
-        // to another worker meanwhile: the rows need not be copied to be
-        // moved to a blocking thread. (A single-threaded runtime, in tests,
-        // just blocks.)
+        // Write and fsync off the async workers. On the daemon's
+        // multi-threaded runtime that is this thread, its other tasks handed
+        // to another worker meanwhile (`block_in_place`), so the rows need
+        // not be copied; elsewhere (a single-threaded runtime, as in unit
+        // tests) a blocking task gets a copy of the rows, which shares their
+        // journal pages' buffers.
         let (file, pos) = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(write)?,
-            _ => write()?,
+            tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| write_batch(&self.path, self.file.clone(), &self.lines, rows))?
+            }
+            _ => {
+                let (path, file, lines, rows) =
+                    (self.path.clone(), self.file.clone(), self.lines.clone(), rows.to_vec());
+                tokio::task::spawn_blocking(move || write_batch(&path, file, &lines, &rows))
+                    .await
+                    .map_err(|e| SinkError::retry(format!("file sink task failed: {e}")))??
+            }
         };
         self.file = Some(file);
         Ok(Some(pos))
