@@ -47,7 +47,29 @@ pub struct Dispatcher {
     min_delay: Duration,
     /// The reopen generation (SIGHUP count) last acted on.
     reopened: u64,
+    /// Cursor commits that have not landed yet (see `commit`).
+    unsaved: Unsaved,
 }
+
+/// Cursor commits not landed yet, for a sink that undoes uncommitted
+/// deliveries (see `Dispatcher::commit`).
+#[derive(Default)]
+struct Unsaved {
+    /// The commit in flight, and whether it holds a file position.
+    in_flight: Option<(tokio::task::JoinHandle<Option<()>>, bool)>,
+    /// Delivered since that commit started: the cursor and file position to commit next.
+    next: Option<(i64, Option<FilePos>)>,
+    /// How many batches `next` covers.
+    batches: usize,
+    /// The last commit that landed holds the sink's position in its current
+    /// file, so the sink would undo what was delivered after it.
+    position_landed: bool,
+}
+
+/// At most this many batches are delivered while a cursor commit is in
+/// flight; a crash can make the file sink cut and write again this many
+/// batches plus the one in flight.
+const MAX_UNSAVED_BATCHES: usize = 4;
 
 /// What delivering a set of rows came to.
 enum Delivered {
@@ -74,6 +96,7 @@ impl Dispatcher {
             overhead,
             min_delay: Duration::from_millis(200),
             reopened: 0,
+            unsaved: Unsaved::default(),
         }
     }
 
@@ -89,7 +112,11 @@ impl Dispatcher {
         // the loop starts again from the last committed cursor.
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.deliver_loop(&cancel, &mut drain, &mut reopen).await {
+            let result = self.deliver_loop(&cancel, &mut drain, &mut reopen).await;
+            if self.settle(&cancel).await.is_none() {
+                return Ok(Exit::Cancelled);
+            }
+            match result {
                 Ok(exit) => return Ok(exit),
                 Err(error) => {
                     error!(sink = %self.name, %error, "State database error; delivery pauses and retries.");
@@ -111,6 +138,8 @@ impl Dispatcher {
     ) -> Result<Exit, StoreError> {
         let cancel = cancel.clone();
         let mut partial_since: Option<tokio::time::Instant> = None;
+        // Dead letters marked for retry are looked for first, then every RETRY_CHECK.
+        let mut retry_check = tokio::time::Instant::now();
         loop {
             if cancel.is_cancelled() {
                 return Ok(Exit::Cancelled);
@@ -118,19 +147,27 @@ impl Dispatcher {
             // Compare generations: the idle wait below may already have marked the change as seen.
             let generation = *reopen.borrow_and_update();
             if generation != self.reopened {
+                if self.settle(&cancel).await.is_none() {
+                    return Ok(Exit::Cancelled);
+                }
+                // The first batch into the reopened file commits before the next goes out.
+                self.unsaved.position_landed = false;
                 self.reopened = generation;
                 if let Err(e) = self.sink.reopen().await {
                     warn!(sink = %self.name, error = %e, "Reopen failed; retrying at the next delivery.");
                 }
             }
-            if self.retry_dead_letters(&cancel).await? == Exit::Cancelled {
-                return Ok(Exit::Cancelled);
+            if tokio::time::Instant::now() >= retry_check {
+                if self.retry_dead_letters(&cancel).await? == Exit::Cancelled {
+                    return Ok(Exit::Cancelled);
+                }
+                retry_check = tokio::time::Instant::now() + RETRY_CHECK;
             }
             let store = self.store.clone();
             let grew = store.journal_grew();
             tokio::pin!(grew);
             grew.as_mut().enable();
-            let b = &self.batching;
+            let b = self.batching;
             let batch = self
                 .store
                 .read_batch(self.cursor, self.streams.clone(), b.max_records, b.max_bytes, self.overhead)
@@ -139,6 +176,9 @@ impl Dispatcher {
             let health = crate::health::Health::get();
             let loop_name = format!("sink {}", self.name);
             if batch.last_seq == self.cursor {
+                if self.settle(&cancel).await.is_none() {
+                    return Ok(Exit::Cancelled);
+                }
                 health.idle(&loop_name);
                 if target.is_some_and(|t| self.cursor >= t) {
                     return Ok(Exit::Drained);
@@ -155,10 +195,12 @@ impl Dispatcher {
                         _ = &mut grew => break,
                         _ = drain.changed() => break,
                         _ = reopen.changed() => break,
-                        _ = tokio::time::sleep(RETRY_CHECK) => {
+                        _ = tokio::time::sleep_until(retry_check) => {
                             if !self.store.retry_requests(&self.name, 1).await?.is_empty() {
+                                retry_check = tokio::time::Instant::now();
                                 break;
                             }
+                            retry_check = tokio::time::Instant::now() + RETRY_CHECK;
                         }
                     }
                 }
@@ -175,6 +217,9 @@ impl Dispatcher {
             if partial {
                 let deadline = *partial_since.get_or_insert_with(tokio::time::Instant::now) + b.timeout;
                 if tokio::time::Instant::now() < deadline {
+                    if self.settle(&cancel).await.is_none() {
+                        return Ok(Exit::Cancelled);
+                    }
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(Exit::Cancelled),
                         _ = &mut grew => {}
@@ -213,20 +258,87 @@ impl Dispatcher {
             }
             // Keep the committed file position when nothing was written (rows of other streams only).
             if pos.is_none() {
+                if self.settle(&cancel).await.is_none() {
+                    return Ok(Exit::Cancelled);
+                }
                 pos = self.store.sink_cursor(&self.name).await?.file;
             }
             fault_delay_after_delivery().await;
             // Delivered: the cursor must now move, or the batch would be delivered twice.
-            let seq = batch.last_seq;
-            if persist(&self.name, &cancel, "the cursor", || self.store.commit_cursor(&self.name, seq, pos, now_ms()))
-                .await
-                .is_none()
-            {
+            if self.commit(batch.last_seq, pos, &cancel).await.is_none() {
                 return Ok(Exit::Cancelled);
             }
-            debug!(sink = %self.name, cursor = batch.last_seq, "Cursor moved.");
-            self.cursor = batch.last_seq;
         }
+    }
+
+    /// Move the cursor to `seq` (with the sink's file position `pos`) after a
+    /// delivery; `None` when cancelled first.
+    ///
+    /// Most sinks wait here until the commit lands, so a crash repeats at
+    /// most the one batch whose commit it interrupted. A sink that undoes
+    /// uncommitted deliveries (the file sink cuts its file back to the
+    /// committed length on start) does not wait: while one commit is in
+    /// flight the next batches are read and delivered, and the commit after
+    /// it takes the newest cursor and position. Commits stay in order, and
+    /// at most `MAX_UNSAVED_BATCHES` wait behind one in flight. That holds
+    /// only while the last commit that landed has the position in the
+    /// sink's current file: after a start or a reopen the first batch waits
+    /// for its commit.
+    async fn commit(&mut self, seq: i64, pos: Option<FilePos>, cancel: &CancellationToken) -> Option<()> {
+        self.cursor = seq;
+        self.unsaved.next = Some((seq, pos));
+        self.unsaved.batches += 1;
+        let pipelined = self.sink.undoes_uncommitted() && self.unsaved.position_landed;
+        if pipelined
+            && self.unsaved.batches < MAX_UNSAVED_BATCHES
+            && self.unsaved.in_flight.as_ref().is_some_and(|(task, _)| !task.is_finished())
+        {
+            return Some(());
+        }
+        self.land().await?;
+        self.start_commit(cancel);
+        if !pipelined {
+            self.land().await?;
+        }
+        Some(())
+    }
+
+    /// Start committing what was delivered since the last commit started.
+    fn start_commit(&mut self, cancel: &CancellationToken) {
+        let Some((seq, pos)) = self.unsaved.next.take() else { return };
+        self.unsaved.batches = 0;
+        let (store, name, cancel) = (self.store.clone(), self.name.clone(), cancel.clone());
+        let task = tokio::spawn(async move {
+            let moved = persist(&name, &cancel, "the cursor", || store.commit_cursor(&name, seq, pos, now_ms())).await;
+            debug!(sink = %name, cursor = seq, "Cursor moved.");
+            moved
+        });
+        self.unsaved.in_flight = Some((task, pos.is_some()));
+    }
+
+    /// Wait for the commit in flight, if any; `None` when cancelled.
+    async fn land(&mut self) -> Option<()> {
+        let Some((task, has_position)) = self.unsaved.in_flight.take() else { return Some(()) };
+        match task.await {
+            Ok(moved) => {
+                self.unsaved.position_landed = has_position;
+                moved
+            }
+            Err(e) => {
+                error!(sink = %self.name, error = %e, "The cursor commit task failed.");
+                None
+            }
+        }
+    }
+
+    /// Commit everything delivered so far and wait for it; `None` when cancelled.
+    async fn settle(&mut self, cancel: &CancellationToken) -> Option<()> {
+        self.land().await?;
+        if self.unsaved.next.is_some() {
+            self.start_commit(cancel);
+            self.land().await?;
+        }
+        Some(())
     }
 
     /// Send dead letters marked for retry; delivered ones are deleted, refused ones stay.
@@ -236,10 +348,23 @@ impl Dispatcher {
             if pending.is_empty() {
                 return Ok(Exit::Drained);
             }
+            // The batch before must have landed: these rows leave dead letters once delivered.
+            if self.settle(cancel).await.is_none() {
+                return Ok(Exit::Cancelled);
+            }
             let rows: Vec<JournalRow> = pending.iter().map(|(_, r)| r.clone()).collect();
             match self.deliver(&rows, cancel).await {
                 Delivered::Cancelled => return Ok(Exit::Cancelled),
                 Delivered::Done { pos, refused } => {
+                    // The file position first: were the dead letters settled
+                    // first, a crash in between would cut delivered rows that
+                    // are no longer kept anywhere.
+                    if pos.is_some() {
+                        let seq = self.cursor;
+                        if self.commit(seq, pos, cancel).await.is_none() || self.settle(cancel).await.is_none() {
+                            return Ok(Exit::Cancelled);
+                        }
+                    }
                     for (i, (dl, row)) in pending.iter().enumerate() {
                         let again = refused.iter().find(|(j, _, _)| *j == i).map(|(_, r, s)| (r.clone(), *s));
                         match &again {
@@ -250,17 +375,6 @@ impl Dispatcher {
                         }
                         if persist(&self.name, cancel, "a retried dead letter", || {
                             self.store.settle_retry(*dl, again.clone(), now_ms())
-                        })
-                        .await
-                        .is_none()
-                        {
-                            return Ok(Exit::Cancelled);
-                        }
-                    }
-                    if pos.is_some() {
-                        let seq = self.cursor;
-                        if persist(&self.name, cancel, "the cursor", || {
-                            self.store.commit_cursor(&self.name, seq, pos, now_ms())
                         })
                         .await
                         .is_none()

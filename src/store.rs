@@ -546,44 +546,60 @@ impl Store {
         let stream = stream.to_string();
         let stats = self
             .run(move |inner, conn| {
-                let mut stats = IngestStats::default();
+                let max_created = pages.iter().flat_map(|p| &p.records).map(|r| r.created).max();
+                let mut stats = IngestStats { max_created, ..IngestStats::default() };
                 let tx = conn.transaction().map_err(|e| sq(inner, e))?;
-                let mut new: Vec<Vec<bool>> = Vec::with_capacity(pages.len());
-                {
-                    tx.prepare_cached("INSERT OR IGNORE INTO stream_keys(name) VALUES (?1)")
-                        .and_then(|mut st| st.execute([&stream]))
-                        .map_err(|e| sq(inner, e))?;
-                    let sid: i64 = tx
-                        .prepare_cached("SELECT sid FROM stream_keys WHERE name = ?1")
-                        .and_then(|mut st| st.query_row([&stream], |r| r.get(0)))
-                        .map_err(|e| sq(inner, e))?;
-                    stats.max_created = pages.iter().flat_map(|p| &p.records).map(|r| r.created).max();
-                    for page in &pages {
-                        let fresh = remember_ids(&tx, sid, page, &mut stats).map_err(|e| sq(inner, e))?;
-                        new.push(fresh);
-                    }
-                }
-                if stats.new == 0 {
-                    tx.commit().map_err(|e| sq(inner, e))?;
-                    return Ok(stats);
-                }
-                // Write each page's new records as soon as it is framed, and
-                // free the page then: pages are not held twice.
-                let mut segs = lock(&inner.segments);
-                let segs = segs.as_mut().ok_or_else(|| read_only(inner))?;
+                let mut guard = lock(&inner.segments);
+                let segs = guard.as_mut().ok_or_else(|| read_only(inner))?;
                 let idle = inner.journal_records.load(Ordering::Relaxed) == 0;
-                let mut writer = PageWriter::new(segs, idle);
-                for (page, fresh) in pages.into_iter().zip(new) {
-                    writer.start_page(&stream, None);
-                    let mut kept = page.records.iter().zip(&fresh).filter(|(_, n)| **n).map(|(r, _)| r);
-                    let written = kept.try_for_each(|r| writer.push(&r.id, r.created, &r.body));
-                    drop(page);
-                    if let Err(message) = written.and_then(|()| writer.end_page()) {
-                        writer.rollback();
-                        return Err(StoreError::Other { path: inner.path.display().to_string(), message });
+                let records: usize = pages.iter().map(|p| p.records.len()).sum();
+                let failed = |message| StoreError::Other { path: inner.path.display().to_string(), message };
+                // A large group is most likely all new (a backfill): its frames
+                // are written and synced on a second thread while the ids go
+                // into `seen` on this one. Should any id turn out to be a
+                // duplicate, those bytes are cut and only the new records are
+                // written, as for a small group.
+                let (fresh, speculative) = std::thread::scope(|scope| {
+                    let speculative = (records >= SPECULATE_RECORDS).then(|| {
+                        let (segs, pages, stream) = (&mut *segs, &pages, &stream);
+                        scope.spawn(move || {
+                            let mut w = write_pages(segs, idle, stream, pages.iter().map(|p| p.records.iter()))?;
+                            w.sync().map(|()| w)
+                        })
+                    });
+                    let fresh = remember_group(&tx, &stream, &pages, &mut stats);
+                    (fresh, speculative.map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))))
+                });
+                let (fresh, speculative) = match (fresh, speculative) {
+                    (Err(e), written) => {
+                        if let Some(Ok(mut w)) = written {
+                            w.rollback();
+                        }
+                        return Err(sq(inner, e));
                     }
-                }
-                writer.finish(&inner.path, &tx)?;
+                    (Ok(_), Some(Err(message))) => return Err(failed(message)),
+                    (Ok(fresh), written) => (fresh, written.and_then(Result::ok)),
+                };
+                let mut writer = match speculative {
+                    Some(w) if stats.duplicate == 0 => w,
+                    spoiled => {
+                        if let Some(mut w) = spoiled {
+                            w.rollback();
+                        }
+                        if stats.new == 0 {
+                            tx.commit().map_err(|e| sq(inner, e))?;
+                            return Ok(stats);
+                        }
+                        let kept = pages
+                            .iter()
+                            .zip(&fresh)
+                            .map(|(page, fresh)| page.records.iter().zip(fresh).filter(|(_, n)| **n).map(|(r, _)| r));
+                        let mut w = write_pages(segs, idle, &stream, kept).map_err(failed)?;
+                        w.sync().map_err(failed)?;
+                        w
+                    }
+                };
+                writer.index(&inner.path, &tx)?;
                 if let Err(e) = tx.commit() {
                     writer.rollback();
                     return Err(sq(inner, e));
@@ -936,7 +952,7 @@ impl Store {
     /// Dead letters of `sink` marked for retry, as rows to deliver (with their dead-letter ids).
     pub async fn retry_requests(&self, sink: &str, limit: usize) -> Result<Vec<(i64, JournalRow)>, StoreError> {
         let sink = sink.to_string();
-        self.run(move |inner, conn| {
+        self.run_read(move |inner, conn| {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id, seq, stream, record_id, body FROM dead_letters
@@ -1244,13 +1260,13 @@ impl<'a> PageWriter<'a> {
         self.pages.iter().map(|p| p.body_bytes).sum()
     }
 
-    /// Sync the written pages and index them in `tx`; on error everything
-    /// written is rolled back.
-    fn finish(&mut self, path: &Path, tx: &rusqlite::Transaction) -> Result<(), StoreError> {
-        if let Err(message) = self.segs.sync() {
-            self.rollback();
-            return Err(StoreError::Other { path: path.display().to_string(), message });
-        }
+    /// Make the written pages durable; on error everything written is rolled back.
+    fn sync(&mut self) -> Result<(), String> {
+        self.segs.sync().inspect_err(|_| self.rollback())
+    }
+
+    /// Index the synced pages in `tx`; on error everything written is rolled back.
+    fn index(&mut self, path: &Path, tx: &rusqlite::Transaction) -> Result<(), StoreError> {
         let indexed = (|| {
             let mut high: i64 = tx.prepare_cached("SELECT high FROM journal_seq")?.query_row([], |r| r.get(0))?;
             let mut insert = tx.prepare_cached(
@@ -1320,7 +1336,8 @@ fn convert_old_journal(conn: &mut Connection, segs: &mut Segments, path: &Path) 
                 return Err(StoreError::Other { path: path.display().to_string(), message });
             }
         }
-        pages.finish(path, &tx)?;
+        pages.sync().map_err(|message| StoreError::Other { path: path.display().to_string(), message })?;
+        pages.index(path, &tx)?;
         tx.execute("DELETE FROM journal WHERE seq <= ?1", [last]).map_err(sq)?;
         tx.commit().map_err(sq)?;
         tracing::info!(db = %path.display(), through_seq = last, "Moved journaled records into segment files.");
@@ -1375,6 +1392,49 @@ fn refuse_newer(version: i64, path: &Path) -> Result<(), StoreError> {
         });
     }
     Ok(())
+}
+
+/// Groups of at least this many records have their frames written while
+/// their ids go into `seen` (see `Store::ingest_pages`). Small groups, such
+/// as a poll that finds little or nothing new, are written after, and only
+/// their new records.
+const SPECULATE_RECORDS: usize = if cfg!(test) { 8 } else { 500 };
+
+/// Write `pages` (each one's records, in order; empty ones are dropped) to
+/// the current segment, not synced yet; on error nothing of them is left.
+fn write_pages<'a, 'r, P, R>(
+    segs: &'a mut Segments,
+    idle: bool,
+    stream: &str,
+    pages: P,
+) -> Result<PageWriter<'a>, String>
+where
+    P: Iterator<Item = R>,
+    R: Iterator<Item = &'r Record>,
+{
+    let mut writer = PageWriter::new(segs, idle);
+    for mut records in pages {
+        writer.start_page(stream, None);
+        let written = records.try_for_each(|r| writer.push(&r.id, r.created, &r.body));
+        if let Err(message) = written.and_then(|()| writer.end_page()) {
+            writer.rollback();
+            return Err(message);
+        }
+    }
+    Ok(writer)
+}
+
+/// Put a group's ids into `seen` (see `remember_ids`); per page, which records were new.
+fn remember_group(
+    tx: &rusqlite::Transaction,
+    stream: &str,
+    pages: &[PageIn],
+    stats: &mut IngestStats,
+) -> rusqlite::Result<Vec<Vec<bool>>> {
+    tx.prepare_cached("INSERT OR IGNORE INTO stream_keys(name) VALUES (?1)")?.execute([stream])?;
+    let sid: i64 =
+        tx.prepare_cached("SELECT sid FROM stream_keys WHERE name = ?1")?.query_row([stream], |r| r.get(0))?;
+    pages.iter().map(|page| remember_ids(tx, sid, page, stats)).collect()
 }
 
 /// Ids go into `seen` this many at a time when all of them are new (the
@@ -1659,6 +1719,68 @@ mod tests {
             let ids: Vec<String> = b.rows.iter().map(|r| r.id.to_string()).collect();
             assert_eq!(ids, ["a", "b", "c", "d", "e", "f"]);
             assert_eq!(b.rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+        });
+    }
+
+    #[test]
+    fn large_groups_are_written_while_their_ids_go_in_and_cut_when_not_all_new() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let db = dir.path().join("s.db");
+            let s = Store::open(&db).unwrap();
+            s.register_sinks(vec!["a".into()]).await.unwrap();
+            let seg = segments::dir_for(&db).join(format!("{:016}.seg", 1));
+            // Every byte of the segment belongs to an indexed page: nothing
+            // written for a group is left behind unindexed.
+            let indexed = || async {
+                let pages: i64 = s
+                    .run(|inner, c| {
+                        c.query_row("SELECT coalesce(sum(len), 0) FROM journal_pages", [], |r| r.get(0))
+                            .map_err(|e| sq(inner, e))
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(std::fs::metadata(&seg).unwrap().len(), pages as u64);
+            };
+            let page = |ids: &[&str]| PageIn {
+                records: ids.iter().enumerate().map(|(i, id)| rec(id, i as i64)).collect(),
+                window: (0, 0),
+            };
+            const { assert!(SPECULATE_RECORDS <= 10) };
+            // All new: written while the ids went in.
+            let st =
+                s.ingest_pages("u", vec![page(&["a", "b", "c", "d", "e"]), page(&["f", "g", "h", "i", "j"])]).await;
+            assert_eq!(st.unwrap().new, 10);
+            indexed().await;
+            // One seen before, one twice in the group: only the new ones are kept.
+            let group = vec![page(&["k", "l", "c", "m", "n"]), page(&["o", "p", "k", "q", "r"])];
+            let st = s.ingest_pages("u", group).await.unwrap();
+            assert_eq!((st.new, st.duplicate), (8, 2));
+            indexed().await;
+            // Nothing new: nothing written.
+            let st = s.ingest_pages("u", vec![page(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"])]).await;
+            assert_eq!(st.unwrap().new, 0);
+            indexed().await;
+            // A group that fails to commit leaves none of its bytes.
+            s.run(|inner, c| {
+                c.execute_batch(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON journal_pages
+                     BEGIN SELECT RAISE(ABORT, 'refused'); END",
+                )
+                .map_err(|e| sq(inner, e))
+            })
+            .await
+            .unwrap();
+            let group = || vec![page(&["s", "t", "u", "v", "w"]), page(&["x", "y", "z", "za", "zb"])];
+            assert!(s.ingest_pages("u", group()).await.is_err());
+            indexed().await;
+            s.run(|inner, c| c.execute_batch("DROP TRIGGER refuse").map_err(|e| sq(inner, e))).await.unwrap();
+            assert_eq!(s.ingest_pages("u", group()).await.unwrap().new, 10);
+            indexed().await;
+            let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
+            let ids: Vec<String> = b.rows.iter().map(|r| r.id.to_string()).collect();
+            let want = "a b c d e f g h i j k l m n o p q r s t u v w x y z za zb";
+            assert_eq!(ids, want.split(' ').collect::<Vec<_>>());
         });
     }
 

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use opsera_shipper::dispatch::Dispatcher;
-use opsera_shipper::opsera::Record;
 use opsera_shipper::sink::{Batching, Sink, SinkError};
-use opsera_shipper::store::{FilePos, JournalRow, Store};
+use opsera_shipper::store::{FilePos, JournalRow};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+mod common;
 
 struct Recording {
     batches: Arc<Mutex<Vec<(Instant, usize)>>>,
@@ -33,17 +34,7 @@ async fn setup(
     n: usize,
     batching: Batching,
 ) -> (tempfile::TempDir, Arc<Mutex<Vec<(Instant, usize)>>>, CancellationToken, Instant) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("s.db")).unwrap();
-    store.register_sinks(vec!["t".into()]).await.unwrap();
-    let recs = (0..n)
-        .map(|i| Record {
-            id: format!("{i:024x}").into(),
-            created: i as i64,
-            body: format!("{{\"_id\":\"{i:024x}\"}}").into(),
-        })
-        .collect();
-    store.ingest("user_activity", recs, (0, 0)).await.unwrap();
+    let (dir, store) = common::journal_of(n).await;
     let batches = Arc::new(Mutex::new(Vec::new()));
     let sink = Recording { batches: batches.clone(), batching };
     let d = Dispatcher::new("t".into(), vec!["user_activity".into()], store, Box::new(sink), 0);

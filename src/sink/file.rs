@@ -172,6 +172,10 @@ impl Sink for FileSink {
         Batching { max_records: 2000, ..Batching::default() }
     }
 
+    fn undoes_uncommitted(&self) -> bool {
+        true
+    }
+
     async fn reopen(&mut self) -> Result<(), SinkError> {
         info!(sink = %self.name, path = %self.path.display(), "Reopening output file.");
         self.file = None;

@@ -64,6 +64,13 @@ pub trait Sink: Send {
     fn batching(&self) -> Batching {
         Batching::default()
     }
+    /// Whether a delivery whose cursor never committed is undone when the
+    /// sink is built again after a crash (the file sink cuts its file back
+    /// to the committed length). Such a sink may deliver the next batch
+    /// while the last one's cursor is still being committed.
+    fn undoes_uncommitted(&self) -> bool {
+        false
+    }
 }
 
 /// Build the sink `cfg` describes; `committed` is its last committed file position.

@@ -236,3 +236,22 @@ pub fn integrity_ok(db: &Path) {
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
+
+/// A state database in a temp directory with sink "t" registered and `n`
+/// small `user_activity` records (ids `{i:024x}`, `createdAt` i) journaled.
+pub async fn journal_of(n: usize) -> (tempfile::TempDir, opsera_shipper::store::Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = opsera_shipper::store::Store::open(&dir.path().join("s.db")).unwrap();
+    store.register_sinks(vec!["t".into()]).await.unwrap();
+    for from in (0..n).step_by(1000) {
+        let recs = (from..n.min(from + 1000))
+            .map(|i| opsera_shipper::opsera::Record {
+                id: format!("{i:024x}").into(),
+                created: i as i64,
+                body: format!("{{\"_id\":\"{i:024x}\"}}").into(),
+            })
+            .collect();
+        store.ingest("user_activity", recs, (0, 0)).await.unwrap();
+    }
+    (dir, store)
+}
