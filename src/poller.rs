@@ -25,8 +25,10 @@ pub const V1_CAP: usize = 1000;
 /// Stop paging a window after this many pages, whatever the server says.
 const MAX_PAGES: u32 = 100_000;
 /// Pages fetched ahead (queued, or being fetched) while earlier ones are
-/// stored; the storer stores all those queued as one group.
-const QUEUED_PAGES: usize = 2;
+/// stored; the storer stores the page it takes and any queued behind it as
+/// one group. Two ahead made a backfill about 15 % faster and held about
+/// 1.6 MB more at its peak, past the bound of 20 % over a small backfill's.
+const QUEUED_PAGES: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PollError {
