@@ -55,8 +55,8 @@ pub struct Dispatcher {
 /// deliveries (see `Dispatcher::commit`).
 #[derive(Default)]
 struct Unsaved {
-    /// The commit in flight, and whether it holds a file position.
-    in_flight: Option<(tokio::task::JoinHandle<Option<()>>, bool)>,
+    /// The commit in flight.
+    in_flight: Option<InFlight>,
     /// Delivered since that commit started: the cursor and file position to commit next.
     next: Option<(i64, Option<FilePos>)>,
     /// How many batches `next` covers.
@@ -66,9 +66,16 @@ struct Unsaved {
     position_landed: bool,
 }
 
-/// At most this many batches are delivered while a cursor commit is in
-/// flight; a crash can make the file sink cut and write again this many
-/// batches plus the one in flight.
+struct InFlight {
+    task: tokio::task::JoinHandle<Option<()>>,
+    /// It holds a file position.
+    has_position: bool,
+    /// How many batches it covers.
+    batches: usize,
+}
+
+/// At most this many batches are delivered past the last commit that
+/// landed: all that a crash can make the file sink cut and write again.
 const MAX_UNSAVED_BATCHES: usize = 4;
 
 /// What delivering a set of rows came to.
@@ -233,6 +240,9 @@ impl Dispatcher {
             health.busy(&loop_name);
             let mut pos = None;
             if !batch.rows.is_empty() {
+                if self.commit_position(&cancel).await.is_none() {
+                    return Ok(Exit::Cancelled);
+                }
                 match self.deliver(&batch.rows, &cancel).await {
                     Delivered::Cancelled => return Ok(Exit::Cancelled),
                     Delivered::Done { pos: p, refused } => {
@@ -280,19 +290,17 @@ impl Dispatcher {
     /// committed length on start) does not wait: while one commit is in
     /// flight the next batches are read and delivered, and the commit after
     /// it takes the newest cursor and position. Commits stay in order, and
-    /// at most `MAX_UNSAVED_BATCHES` wait behind one in flight. That holds
-    /// only while the last commit that landed has the position in the
-    /// sink's current file: after a start or a reopen the first batch waits
-    /// for its commit.
+    /// at most `MAX_UNSAVED_BATCHES` are delivered past the last that
+    /// landed. That holds only while the last commit that landed has the
+    /// position in the sink's current file (see `commit_position`);
+    /// otherwise the batch waits for its commit.
     async fn commit(&mut self, seq: i64, pos: Option<FilePos>, cancel: &CancellationToken) -> Option<()> {
         self.cursor = seq;
         self.unsaved.next = Some((seq, pos));
         self.unsaved.batches += 1;
         let pipelined = self.sink.undoes_uncommitted() && self.unsaved.position_landed;
-        if pipelined
-            && self.unsaved.batches < MAX_UNSAVED_BATCHES
-            && self.unsaved.in_flight.as_ref().is_some_and(|(task, _)| !task.is_finished())
-        {
+        let in_flight = self.unsaved.in_flight.as_ref().filter(|f| !f.task.is_finished()).map_or(0, |f| f.batches);
+        if pipelined && in_flight > 0 && in_flight + self.unsaved.batches <= MAX_UNSAVED_BATCHES {
             return Some(());
         }
         self.land().await?;
@@ -303,22 +311,55 @@ impl Dispatcher {
         Some(())
     }
 
+    /// Before the first delivery of a run, or the first after a reopen, into
+    /// a sink that undoes uncommitted deliveries: commit where its file
+    /// stands, so that a crash before the batch's own commit lands is cut
+    /// off on start (with no position committed, or one in another file,
+    /// nothing would be, and the batch would be written twice). A file that
+    /// does not open is retried like a failed delivery. `None` when cancelled.
+    async fn commit_position(&mut self, cancel: &CancellationToken) -> Option<()> {
+        if !self.sink.undoes_uncommitted() || self.unsaved.position_landed {
+            return Some(());
+        }
+        self.settle(cancel).await?;
+        let mut delay = self.min_delay;
+        let pos = loop {
+            match self.sink.position().await {
+                Ok(pos) => break pos,
+                Err(e) => {
+                    warn!(sink = %self.name, error = %e, delay_ms = delay.as_millis() as u64, "Output not ready; retrying.");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        };
+        if pos.is_some() {
+            self.unsaved.next = Some((self.cursor, pos));
+            self.start_commit(cancel);
+            self.land().await?;
+        }
+        Some(())
+    }
+
     /// Start committing what was delivered since the last commit started.
     fn start_commit(&mut self, cancel: &CancellationToken) {
         let Some((seq, pos)) = self.unsaved.next.take() else { return };
-        self.unsaved.batches = 0;
+        let batches = std::mem::take(&mut self.unsaved.batches);
         let (store, name, cancel) = (self.store.clone(), self.name.clone(), cancel.clone());
         let task = tokio::spawn(async move {
             let moved = persist(&name, &cancel, "the cursor", || store.commit_cursor(&name, seq, pos, now_ms())).await;
             debug!(sink = %name, cursor = seq, "Cursor moved.");
             moved
         });
-        self.unsaved.in_flight = Some((task, pos.is_some()));
+        self.unsaved.in_flight = Some(InFlight { task, has_position: pos.is_some(), batches });
     }
 
     /// Wait for the commit in flight, if any; `None` when cancelled.
     async fn land(&mut self) -> Option<()> {
-        let Some((task, has_position)) = self.unsaved.in_flight.take() else { return Some(()) };
+        let Some(InFlight { task, has_position, .. }) = self.unsaved.in_flight.take() else { return Some(()) };
         match task.await {
             Ok(moved) => {
                 self.unsaved.position_landed = has_position;
@@ -350,6 +391,9 @@ impl Dispatcher {
             }
             // The batch before must have landed: these rows leave dead letters once delivered.
             if self.settle(cancel).await.is_none() {
+                return Ok(Exit::Cancelled);
+            }
+            if self.commit_position(cancel).await.is_none() {
                 return Ok(Exit::Cancelled);
             }
             let rows: Vec<JournalRow> = pending.iter().map(|(_, r)| r.clone()).collect();

@@ -1,8 +1,9 @@
 //! When the dispatcher commits a sink's cursor, seen from inside the sink:
 //! most sinks never receive a batch before the previous batch's cursor has
 //! landed; a sink that undoes uncommitted deliveries (the file sink) may run
-//! a bounded number of batches ahead, but never before its first commit of a
-//! run has landed, and a drain or a shutdown lands every commit.
+//! a bounded number of batches ahead, but only once a commit holding its
+//! position has landed; a drain, an idle sink and a shutdown land every
+//! commit. (A crash is the reliability tests' part.)
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -120,8 +121,8 @@ async fn a_sink_that_undoes_runs_ahead_within_the_bound_and_a_drain_lands_every_
     // The first batch of a run goes out with nothing uncommitted, and the
     // second only once the first batch's position has landed.
     assert_eq!(&ahead[..2], &[0, 0], "{ahead:?}");
-    // One commit in flight plus at most 4 batches waiting behind it.
-    assert!(ahead.iter().all(|a| (0..=5).contains(a)), "{ahead:?}");
+    // At most 4 batches past the last commit that landed.
+    assert!(ahead.iter().all(|a| (0..=4).contains(a)), "{ahead:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,3 +192,45 @@ async fn a_sink_down_while_the_journal_fills_stops_polling_at_the_bound_then_dra
     assert_eq!((ids.len(), r.st().accepted.len()), (6_000, 6_000), "every record once");
     integrity_ok(&h.path("state.db"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_before_the_first_batch_ever_commits_duplicates_nothing() {
+    // A fresh state database and output file: the sink has never committed
+    // a position. Its first batch is written, then held uncommitted.
+    let h = Harness::new(opts(3_000, 500)).await;
+    let cfg = h.config("");
+    let mut child = spawn_daemon(&cfg, &[("OPSERA_SHIPPER_TEST_DELAY_AFTER_DELIVERY_MS", "5000")], None);
+    wait_until("the first batch is written", || !h.lines_so_far().is_empty()).await;
+    child.start_kill().unwrap(); // SIGKILL
+    let _ = child.wait().await;
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    h.assert_exactly_once();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_before_the_first_batch_after_a_rotation_commits_duplicates_nothing() {
+    let h = Harness::new(opts(300, 0)).await;
+    let cfg = h.config("[streams.user_activity]\ninterval = \"1s\"\n[streams.token_activity]\nenabled = false\n");
+    // Every delivered batch is held uncommitted for 3 s.
+    let mut daemon = spawn_daemon(&cfg, &[("OPSERA_SHIPPER_TEST_DELAY_AFTER_DELIVERY_MS", "3000")], None);
+    wait_until("the backlog is written", || h.lines_so_far().len() >= 300).await;
+    let rotated = h.path("out/audit.jsonl.1");
+    std::fs::rename(h.out(), &rotated).unwrap(); // logrotate's move, then SIGHUP
+    signal(&daemon, libc::SIGHUP);
+    let fresh = h.sim.add_user_at(40, h.sim.now() - 3 * MINUTE);
+    wait_until("new records are written to a new file", || {
+        let ids: Vec<String> = h.lines_so_far().iter().map(|l| id_of(l)).collect();
+        fresh.iter().all(|f| ids.contains(f))
+    })
+    .await;
+    // Killed while the first batch into the new file waits for its commit.
+    daemon.start_kill().unwrap();
+    let _ = daemon.wait().await;
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut all = read_lines(&rotated);
+    assert_eq!(all.len(), 300, "the rotated file kept the old records, and only those");
+    all.extend(h.lines());
+    assert_exactly_once(&all, &h.served());
+}

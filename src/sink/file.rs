@@ -176,6 +176,22 @@ impl Sink for FileSink {
         true
     }
 
+    async fn position(&mut self) -> Result<Option<FilePos>, SinkError> {
+        let (path, file) = (self.path.clone(), self.file.clone());
+        let (file, pos) = tokio::task::spawn_blocking(move || -> Result<_, SinkError> {
+            let f = match file {
+                Some(f) => f,
+                None => Arc::new(open_append(&path)?),
+            };
+            let m = f.metadata().map_err(|e| SinkError::retry(format!("stat {}: {e}", path.display())))?;
+            Ok((f, FilePos { dev: m.dev(), ino: m.ino(), offset: m.len() }))
+        })
+        .await
+        .map_err(|e| SinkError::retry(format!("file sink task failed: {e}")))??;
+        self.file = Some(file);
+        Ok(Some(pos))
+    }
+
     async fn reopen(&mut self) -> Result<(), SinkError> {
         info!(sink = %self.name, path = %self.path.display(), "Reopening output file.");
         self.file = None;

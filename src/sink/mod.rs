@@ -71,6 +71,12 @@ pub trait Sink: Send {
     fn undoes_uncommitted(&self) -> bool {
         false
     }
+    /// Where the next delivery would go (the file sink opens its file if it
+    /// is not open), so that it can be committed before the first delivery
+    /// into a file: only a committed position lets a crash be undone.
+    async fn position(&mut self) -> Result<Option<FilePos>, SinkError> {
+        Ok(None)
+    }
 }
 
 /// Build the sink `cfg` describes; `committed` is its last committed file position.
