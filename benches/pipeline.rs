@@ -509,10 +509,13 @@ fn main() {
         std::thread::sleep(Duration::from_secs(idle_secs));
         let cpu = proc_cpu(pid) - cpu0;
         let rss = proc_kb(pid, "VmRSS");
+        let (anon, file) = (proc_kb(pid, "RssAnon"), proc_kb(pid, "RssFile"));
         stop(child);
         println!(
-            "idle over {idle_secs} s (default intervals, nothing new): RSS {:.1} MB, CPU {:.3} s = {:.3} % of one core",
+            "idle over {idle_secs} s (default intervals, nothing new): RSS {:.1} MB (anonymous {:.1}, file-backed {:.1}), CPU {:.3} s = {:.3} % of one core",
             rss as f64 / 1024.0,
+            anon as f64 / 1024.0,
+            file as f64 / 1024.0,
             cpu,
             cpu / idle_secs as f64 * 100.0
         );
