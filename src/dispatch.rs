@@ -157,7 +157,7 @@ impl Dispatcher {
                 if self.settle(&cancel).await.is_none() {
                     return Ok(Exit::Cancelled);
                 }
-                // The first batch into the reopened file commits before the next goes out.
+                // The reopened file's position is committed before its first batch (commit_position).
                 self.unsaved.position_landed = false;
                 self.reopened = generation;
                 if let Err(e) = self.sink.reopen().await {

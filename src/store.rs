@@ -560,13 +560,15 @@ impl Store {
                 // duplicate, those bytes are cut and only the new records are
                 // written, as for a small group.
                 let (fresh, speculative) = std::thread::scope(|scope| {
+                    // A thread that cannot be started (a limit on threads) leaves the group to the path below.
                     let speculative = (records >= SPECULATE_RECORDS).then(|| {
                         let (segs, pages, stream) = (&mut *segs, &pages, &stream);
-                        scope.spawn(move || {
+                        std::thread::Builder::new().name("journal-writer".into()).spawn_scoped(scope, move || {
                             let mut w = write_pages(segs, idle, stream, pages.iter().map(|p| p.records.iter()))?;
                             w.sync().map(|()| w)
                         })
                     });
+                    let speculative = speculative.and_then(Result::ok);
                     let fresh = remember_group(&tx, &stream, &pages, &mut stats);
                     (fresh, speculative.map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))))
                 });
