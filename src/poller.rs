@@ -323,7 +323,7 @@ impl Poller {
                 self.store.count_truncated_day(&s.name).await?;
                 crate::metrics::get().truncated_days.get_or_create(&crate::metrics::stream(&s.name)).inc();
             }
-            self.ingest(vec![p.records], (day, day + window::DAY), now, &mut report, &mut max_created).await?;
+            self.ingest(vec![p.records], (day, day + window::DAY), now, false, &mut report, &mut max_created).await?;
         }
         self.finish(max_created, window::floor_to(now, MINUTE) - MINUTE, now, report).await
     }
@@ -339,13 +339,18 @@ impl Poller {
         unstored: &AtomicU64,
     ) -> Result<(PollReport, Option<i64>), PollError> {
         let (mut report, mut max_created) = (PollReport::default(), None);
+        // The first group holds the overlap with the last poll; after a group
+        // with no duplicate, the next is likely all new too.
+        let mut likely_new = false;
         while let Some(first) = pages.recv().await {
             let mut group = vec![first];
             while let Ok(page) = pages.try_recv() {
                 group.push(page);
             }
             let n: usize = group.iter().map(Vec::len).sum();
-            self.ingest(group, window, now, &mut report, &mut max_created).await?;
+            let duplicates = report.duplicate;
+            self.ingest(group, window, now, likely_new, &mut report, &mut max_created).await?;
+            likely_new = n > 0 && report.duplicate == duplicates;
             unstored.fetch_sub(n as u64, Ordering::Relaxed);
         }
         Ok((report, max_created))
@@ -357,6 +362,7 @@ impl Poller {
         pages: Vec<Vec<Record>>,
         (from, to): (i64, i64),
         now: i64,
+        likely_new: bool,
         report: &mut PollReport,
         max: &mut Option<i64>,
     ) -> Result<(), PollError> {
@@ -369,7 +375,7 @@ impl Poller {
             warn_out_of_window(records, from, to, now);
         }
         let pages = pages.into_iter().map(|records| PageIn { records, window: (from, to) }).collect();
-        let st = self.store.ingest_pages(&self.stream.name, pages).await?;
+        let st = self.store.ingest_group(&self.stream.name, pages, likely_new).await?;
         crate::health::Health::get().poll_progress(&self.stream.name);
         let m = crate::metrics::get();
         let label = crate::metrics::stream(&self.stream.name);

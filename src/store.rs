@@ -543,6 +543,18 @@ impl Store {
     /// is served, so pruning cannot forget it while the server still
     /// returns it, and it is never delivered twice.
     pub async fn ingest_pages(&self, stream: &str, pages: Vec<PageIn>) -> Result<IngestStats, StoreError> {
+        self.ingest_group(stream, pages, true).await
+    }
+
+    /// `ingest_pages`, told whether the group is likely all new (the group
+    /// before it in the same poll was): only then is a large group's journal
+    /// written while its ids go in (see `SPECULATE_RECORDS`).
+    pub async fn ingest_group(
+        &self,
+        stream: &str,
+        pages: Vec<PageIn>,
+        likely_new: bool,
+    ) -> Result<IngestStats, StoreError> {
         let stream = stream.to_string();
         let stats = self
             .run(move |inner, conn| {
@@ -561,7 +573,7 @@ impl Store {
                 // written, as for a small group.
                 let (fresh, speculative) = std::thread::scope(|scope| {
                     // A thread that cannot be started (a limit on threads) leaves the group to the path below.
-                    let speculative = (records >= SPECULATE_RECORDS).then(|| {
+                    let speculative = (likely_new && records >= SPECULATE_RECORDS).then(|| {
                         let (segs, pages, stream) = (&mut *segs, &pages, &stream);
                         std::thread::Builder::new().name("journal-writer".into()).spawn_scoped(scope, move || {
                             let mut w = write_pages(segs, idle, stream, pages.iter().map(|p| p.records.iter()))?;
@@ -1396,10 +1408,11 @@ fn refuse_newer(version: i64, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Groups of at least this many records have their frames written while
-/// their ids go into `seen` (see `Store::ingest_pages`). Small groups, such
-/// as a poll that finds little or nothing new, are written after, and only
-/// their new records.
+/// Groups of at least this many records that are likely all new (a
+/// backfill's, past its first group) have their frames written while their
+/// ids go into `seen` (see `Store::ingest_pages`). Other groups, such as the
+/// first of a poll, which holds the overlap with the last one, are written
+/// after, and only their new records.
 const SPECULATE_RECORDS: usize = if cfg!(test) { 8 } else { 500 };
 
 /// Write `pages` (each one's records, in order; empty ones are dropped) to
