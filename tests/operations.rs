@@ -229,3 +229,26 @@ async fn sigterm_during_a_busy_backfill_exits_0_and_a_restart_neither_loses_nor_
     assert!(o.status.success(), "{}", stderr(&o));
     h.assert_exactly_once();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once_and_a_restart_neither_loses_nor_repeats() {
+    let h = Harness::new(opts(3_000, 0)).await;
+    let cfg = h.config(
+        "[streams.user_activity]\ninterval = \"1s\"\n[streams.token_activity]\nenabled = false\n\
+         [runtime]\nshutdown_timeout = \"120s\"\n",
+    );
+    // Each delivered batch is held uncommitted for a minute, so the first
+    // SIGTERM has a batch in flight to wait for.
+    let mut daemon = spawn_run(&cfg, &[("OPSERA_SHIPPER_TEST_DELAY_AFTER_DELIVERY_MS", "60000")]);
+    wait_until("a batch is written", || !h.lines_so_far().is_empty()).await;
+    signal(&daemon, libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(daemon.try_wait().unwrap().is_none(), "the first SIGTERM waits for the batch in flight");
+    signal(&daemon, libc::SIGTERM);
+    let code = tokio::time::timeout(Duration::from_secs(10), daemon.wait()).await;
+    let code = code.expect("a second SIGTERM exits at once").unwrap().code();
+    assert_eq!(code, Some(0));
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    h.assert_exactly_once();
+}
