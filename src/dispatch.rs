@@ -338,8 +338,7 @@ impl Dispatcher {
         };
         if pos.is_some() {
             self.unsaved.next = Some((self.cursor, pos));
-            self.start_commit(cancel);
-            self.land().await?;
+            self.settle(cancel).await?;
         }
         Some(())
     }

@@ -38,9 +38,6 @@ pub enum PollError {
     Store(#[from] StoreError),
     #[error("cancelled")]
     Cancelled,
-    /// Paging stopped because storing failed (that error is reported).
-    #[error("storing pages stopped")]
-    StorerStopped,
 }
 
 impl PollError {
@@ -231,7 +228,8 @@ impl Poller {
                     // A place in the queue first: a page is not fetched
                     // only to be held until the storer takes it.
                     let Ok(slot) = queue.reserve().await else {
-                        return Err(PollError::StorerStopped); // its error is the one reported
+                        // The storer stopped, which only an error does: that error is the one reported.
+                        return Ok(requests);
                     };
                     let current = fetch(page).await?;
                     requests += 1;
@@ -289,7 +287,7 @@ impl Poller {
             Ok(requests)
         };
         // Whichever fails first ends the poll (a storer's error is the one
-        // reported: paging stops when it finds the queue closed); the
+        // reported: paging just stops when it finds the queue closed); the
         // storer finishes once paging ends and closes the queue.
         let (requests, (mut report, max_created)) = tokio::try_join!(paging, storing)?;
         report.requests = requests;
@@ -350,7 +348,7 @@ impl Poller {
             let n: usize = group.iter().map(Vec::len).sum();
             let duplicates = report.duplicate;
             self.ingest(group, window, now, likely_new, &mut report, &mut max_created).await?;
-            likely_new = n > 0 && report.duplicate == duplicates;
+            likely_new = report.duplicate == duplicates;
             unstored.fetch_sub(n as u64, Ordering::Relaxed);
         }
         Ok((report, max_created))
@@ -375,7 +373,7 @@ impl Poller {
             warn_out_of_window(records, from, to, now);
         }
         let pages = pages.into_iter().map(|records| PageIn { records, window: (from, to) }).collect();
-        let st = self.store.ingest_group(&self.stream.name, pages, likely_new).await?;
+        let st = self.store.ingest_pages(&self.stream.name, pages, likely_new).await?;
         crate::health::Health::get().poll_progress(&self.stream.name);
         let m = crate::metrics::get();
         let label = crate::metrics::stream(&self.stream.name);

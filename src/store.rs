@@ -531,7 +531,7 @@ impl Store {
         records: Vec<Record>,
         window: (i64, i64),
     ) -> Result<IngestStats, StoreError> {
-        self.ingest_pages(stream, vec![PageIn { records, window }]).await
+        self.ingest_pages(stream, vec![PageIn { records, window }], true).await
     }
 
     /// Store pages of one stream in one transaction: their new records are
@@ -541,15 +541,11 @@ impl Store {
     /// The id of a record created before `from` (a server that ignores its
     /// bounds) is remembered as if created at `to`, and again each time it
     /// is served, so pruning cannot forget it while the server still
-    /// returns it, and it is never delivered twice.
-    pub async fn ingest_pages(&self, stream: &str, pages: Vec<PageIn>) -> Result<IngestStats, StoreError> {
-        self.ingest_group(stream, pages, true).await
-    }
-
-    /// `ingest_pages`, told whether the group is likely all new (the group
-    /// before it in the same poll was): only then is a large group's journal
-    /// written while its ids go in (see `SPECULATE_RECORDS`).
-    pub async fn ingest_group(
+    /// returns it, and it is never delivered twice. `likely_new` says the
+    /// group is likely all new (the group before it in the same poll was):
+    /// only then is a large group's journal written while its ids go in
+    /// (see `SPECULATE_RECORDS`).
+    pub async fn ingest_pages(
         &self,
         stream: &str,
         pages: Vec<PageIn>,
@@ -1723,12 +1719,12 @@ mod tests {
                     PageIn { records: vec![rec("d", 4), rec("e", 5), rec("f", 6)], window: (0, 0) },
                 ]
             };
-            assert!(s.ingest_pages("u", group()).await.is_err());
+            assert!(s.ingest_pages("u", group(), true).await.is_err());
             assert_eq!(std::fs::metadata(&seg).unwrap().len(), len, "the group's bytes are cut");
             assert_eq!(s.backlog().0, 1);
             s.run(|inner, c| c.execute_batch("DROP TRIGGER refuse").map_err(|e| sq(inner, e))).await.unwrap();
             // Nothing of it was remembered: it is all new the second time.
-            let st = s.ingest_pages("u", group()).await.unwrap();
+            let st = s.ingest_pages("u", group(), true).await.unwrap();
             assert_eq!((st.new, st.duplicate), (5, 0));
             let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
             let ids: Vec<String> = b.rows.iter().map(|r| r.id.to_string()).collect();
@@ -1763,17 +1759,18 @@ mod tests {
             };
             const { assert!(SPECULATE_RECORDS <= 10) };
             // All new: written while the ids went in.
-            let st =
-                s.ingest_pages("u", vec![page(&["a", "b", "c", "d", "e"]), page(&["f", "g", "h", "i", "j"])]).await;
+            let st = s
+                .ingest_pages("u", vec![page(&["a", "b", "c", "d", "e"]), page(&["f", "g", "h", "i", "j"])], true)
+                .await;
             assert_eq!(st.unwrap().new, 10);
             indexed().await;
             // One seen before, one twice in the group: only the new ones are kept.
             let group = vec![page(&["k", "l", "c", "m", "n"]), page(&["o", "p", "k", "q", "r"])];
-            let st = s.ingest_pages("u", group).await.unwrap();
+            let st = s.ingest_pages("u", group, true).await.unwrap();
             assert_eq!((st.new, st.duplicate), (8, 2));
             indexed().await;
             // Nothing new: nothing written.
-            let st = s.ingest_pages("u", vec![page(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"])]).await;
+            let st = s.ingest_pages("u", vec![page(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"])], true).await;
             assert_eq!(st.unwrap().new, 0);
             indexed().await;
             // A group that fails to commit leaves none of its bytes.
@@ -1787,10 +1784,10 @@ mod tests {
             .await
             .unwrap();
             let group = || vec![page(&["s", "t", "u", "v", "w"]), page(&["x", "y", "z", "za", "zb"])];
-            assert!(s.ingest_pages("u", group()).await.is_err());
+            assert!(s.ingest_pages("u", group(), true).await.is_err());
             indexed().await;
             s.run(|inner, c| c.execute_batch("DROP TRIGGER refuse").map_err(|e| sq(inner, e))).await.unwrap();
-            assert_eq!(s.ingest_pages("u", group()).await.unwrap().new, 10);
+            assert_eq!(s.ingest_pages("u", group(), true).await.unwrap().new, 10);
             indexed().await;
             let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
             let ids: Vec<String> = b.rows.iter().map(|r| r.id.to_string()).collect();
@@ -1814,7 +1811,7 @@ mod tests {
             assert!(pages[0].records.iter().map(|r| r.body.len()).sum::<usize>() > 2 * WRITE_CHUNK);
             let want: Vec<(String, String)> =
                 pages.iter().flat_map(|p| &p.records).map(|r| (r.id.to_string(), r.body.to_string())).collect();
-            assert_eq!(s.ingest_pages("u", pages).await.unwrap().new, 900);
+            assert_eq!(s.ingest_pages("u", pages, true).await.unwrap().new, 900);
             let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 10_000, usize::MAX, 1).await.unwrap();
             let got: Vec<(String, String)> = b.rows.iter().map(|r| (r.id.to_string(), r.body.to_string())).collect();
             assert!(got == want, "every record comes back whole and in order");
@@ -1897,7 +1894,7 @@ mod tests {
                 let mut model = BTreeSet::new();
                 let mut order = Vec::new();
                 let mut journal_pages = 0;
-                for group in &groups {
+                for (g, group) in groups.iter().enumerate() {
                     let pages = group
                         .iter()
                         .map(|page| PageIn {
@@ -1905,7 +1902,8 @@ mod tests {
                             window: (0, 0),
                         })
                         .collect();
-                    let stats = s.ingest_pages("u", pages).await.unwrap();
+                    // Every other group as if likely all new: both ways of writing it.
+                    let stats = s.ingest_pages("u", pages, g % 2 == 0).await.unwrap();
                     let mut new = 0;
                     for page in group {
                         let before = new;

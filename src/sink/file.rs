@@ -100,8 +100,7 @@ fn append_durably(
     lines: &LineFormat,
     rows: &[JournalRow],
 ) -> Result<FilePos, SinkError> {
-    let stat = |f: &File| f.metadata().map_err(|e| SinkError::retry(format!("stat {}: {e}", path.display())));
-    let before = stat(f)?.len();
+    let before = position_of(path, f)?.offset;
     let mut w: &File = f;
     let written = (|| {
         let mut buf = String::with_capacity(CHUNK.min(rows.iter().map(|r| r.body.len() + 1).sum()) + 4096);
@@ -120,8 +119,21 @@ fn append_durably(
         let _ = f.set_len(before);
         return Err(SinkError::retry(format!("writing {}: {e}", path.display())));
     }
-    let m = stat(f)?;
+    position_of(path, f)
+}
+
+/// Where `f` (at `path`) ends.
+fn position_of(path: &std::path::Path, f: &File) -> Result<FilePos, SinkError> {
+    let m = f.metadata().map_err(|e| SinkError::retry(format!("stat {}: {e}", path.display())))?;
     Ok(FilePos { dev: m.dev(), ino: m.ino(), offset: m.len() })
+}
+
+/// `file`, or the file at `path` opened for appending when it is not open.
+fn open_or(path: &std::path::Path, file: Option<Arc<File>>) -> Result<Arc<File>, SinkError> {
+    match file {
+        Some(f) => Ok(f),
+        None => open_append(path).map(Arc::new),
+    }
 }
 
 /// Append `rows` durably to `file`, opening the file first when it is not open.
@@ -131,10 +143,7 @@ fn write_batch(
     lines: &LineFormat,
     rows: &[JournalRow],
 ) -> Result<(Arc<File>, FilePos), SinkError> {
-    let f = match file {
-        Some(f) => f,
-        None => Arc::new(open_append(path)?),
-    };
+    let f = open_or(path, file)?;
     let pos = append_durably(path, &f, lines, rows)?;
     Ok((f, pos))
 }
@@ -179,12 +188,9 @@ impl Sink for FileSink {
     async fn position(&mut self) -> Result<Option<FilePos>, SinkError> {
         let (path, file) = (self.path.clone(), self.file.clone());
         let (file, pos) = tokio::task::spawn_blocking(move || -> Result<_, SinkError> {
-            let f = match file {
-                Some(f) => f,
-                None => Arc::new(open_append(&path)?),
-            };
-            let m = f.metadata().map_err(|e| SinkError::retry(format!("stat {}: {e}", path.display())))?;
-            Ok((f, FilePos { dev: m.dev(), ino: m.ino(), offset: m.len() }))
+            let f = open_or(&path, file)?;
+            let pos = position_of(&path, &f)?;
+            Ok((f, pos))
         })
         .await
         .map_err(|e| SinkError::retry(format!("file sink task failed: {e}")))??;
