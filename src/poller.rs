@@ -18,12 +18,18 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::config::{StreamConfig, StreamKind};
 use crate::opsera::{ApiError, Client, CountMeaning, Record};
 use crate::store::{PageIn, Store, StoreError};
-use crate::window::{self, MINUTE, fmt_date, fmt_rfc3339, fmt_time, now_ms};
+use crate::window::{self, MINUTE, Window, fmt_date, fmt_rfc3339, fmt_time, now_ms};
 
 /// The v1 endpoints return at most this many records a call.
 pub const V1_CAP: usize = 1000;
-/// Stop paging a window after this many pages, whatever the server says.
-const MAX_PAGES: u32 = 100_000;
+/// How paging a window ended.
+enum Paged {
+    /// Every page read and stored; the newest `createdAt` stored.
+    Complete(PollReport, Option<i64>),
+    /// Stopped at `max_pages` (what was read is stored).
+    TooManyPages(PollReport),
+}
+
 /// Pages fetched ahead (queued, or being fetched) while earlier ones are
 /// stored; the storer stores the page it takes and any queued behind it as
 /// one group. Two ahead made a backfill about 15 % faster and held about
@@ -56,6 +62,31 @@ pub struct PollReport {
     pub duplicate: u64,
     pub truncated_days: u32,
     pub watermark: Option<i64>,
+}
+
+impl PollReport {
+    /// Add what a part of the poll did (the watermark is set by the caller).
+    fn add(&mut self, part: &PollReport) {
+        self.requests += part.requests;
+        self.fetched += part.fetched;
+        self.new += part.new;
+        self.duplicate += part.duplicate;
+        self.truncated_days += part.truncated_days;
+    }
+
+    /// Log the finished poll.
+    fn done(self, stream: &str) -> Self {
+        info!(
+            stream,
+            requests = self.requests,
+            fetched = self.fetched,
+            new = self.new,
+            duplicate = self.duplicate,
+            watermark = %self.watermark.map(fmt_rfc3339).unwrap_or_else(|| "none".into()),
+            "Poll complete."
+        );
+        self
+    }
 }
 
 /// Records whose `createdAt` lies outside the window they were returned
@@ -184,19 +215,84 @@ impl Poller {
         i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
     }
 
+    /// Poll the v2 window from the checkpoint to the last whole minute. A
+    /// window with more than `max_pages` pages is polled in narrower spans
+    /// (halved until one fits, doubled again after each that did), one after
+    /// the other, each completed (its watermark committed) before the next:
+    /// stopping at the cap and completing the window would move the
+    /// watermark past the pages never read (the order is unknown).
     async fn poll_window(&self, cp: window::Checkpoint, cancel: &CancellationToken) -> Result<PollReport, PollError> {
         let s = &self.stream;
         let now = now_ms();
         let (overlap, lookback) = (Self::ms(s.overlap), Self::ms(s.initial_lookback));
-        let w = window::v2_window(cp, overlap, lookback, now);
-        let mut base: Vec<(String, String)> = vec![
+        let whole = window::v2_window(cp, overlap, lookback, now);
+        let mut report = PollReport::default();
+        let (mut start, mut span) = (whole.start, None::<i64>);
+        loop {
+            let end = span.map_or(whole.end, |span| (start + span).min(whole.end));
+            let w = Window { start, end };
+            match self.page_window(w, now, cancel).await? {
+                Paged::Complete(part, max_created) => {
+                    report.add(&part);
+                    report.watermark = self.complete(max_created, w.end, now).await?;
+                    if w.end >= whole.end {
+                        break;
+                    }
+                    // Whether the API's bounds are inclusive is unknown: the
+                    // next span starts a minute before this one ended.
+                    start = w.end - MINUTE;
+                    // Spans grow again past a busy stretch.
+                    span = span.map(|span| span.saturating_mul(2));
+                }
+                Paged::TooManyPages(part) => {
+                    report.add(&part);
+                    // Spans of two minutes at least, so that each moves on by one.
+                    let narrower = window::floor_to((w.end - w.start) / 2, MINUTE).max(2 * MINUTE);
+                    if w.end - w.start <= 2 * MINUTE {
+                        return Err(PollError::Api(ApiError::BadResponse {
+                            url: self.client.url(s.kind.path(), &self.query(w)),
+                            reason: format!(
+                                "more than {} pages (streams.{}.max_pages) in a window of a few minutes: the \
+                                 server does not end the window, or the bound is too low; the checkpoint stays where \
+                                 it is",
+                                s.max_pages, s.name
+                            ),
+                        }));
+                    }
+                    warn!(
+                        stream = %s.name,
+                        pages = s.max_pages,
+                        from = %fmt_rfc3339(w.start),
+                        to = %fmt_rfc3339(w.end),
+                        span = %humantime::format_duration(Duration::from_millis(narrower as u64)),
+                        "Window has more pages than streams.{}.max_pages; polling it in narrower spans.",
+                        s.name
+                    );
+                    span = Some(narrower);
+                }
+            }
+        }
+        Ok(report.done(&s.name))
+    }
+
+    /// The query for `w`, without `page`.
+    fn query(&self, w: Window) -> Vec<(String, String)> {
+        let s = &self.stream;
+        let mut q: Vec<(String, String)> = vec![
             ("start_date".into(), fmt_date(w.start)),
             ("start_time".into(), fmt_time(w.start)),
             ("end_date".into(), fmt_date(w.end)),
             ("end_time".into(), fmt_time(w.end)),
             ("page_size".into(), s.page_size.to_string()),
         ];
-        base.extend(s.filters.iter().cloned());
+        q.extend(s.filters.iter().cloned());
+        q
+    }
+
+    /// Page the window `w` and store its records; its watermark is not moved.
+    async fn page_window(&self, w: Window, now: i64, cancel: &CancellationToken) -> Result<Paged, PollError> {
+        let s = &self.stream;
+        let base = self.query(w);
         let page_size = s.page_size as usize;
         let fetch = |page: u32| {
             let mut q = base.clone();
@@ -214,7 +310,7 @@ impl Poller {
         // paging) change the server's count, so a count that moved, or a
         // total that differs from what was received, pages the window once
         // more. No per-record state is kept, so memory does not grow with
-        // the window.
+        // the window. `true` when paging stopped at `max_pages`.
         let paging = async {
             let queue = queue;
             let mut requests = 0u32;
@@ -229,7 +325,7 @@ impl Poller {
                     // only to be held until the storer takes it.
                     let Ok(slot) = queue.reserve().await else {
                         // The storer stopped, which only an error does: that error is the one reported.
-                        return Ok(requests);
+                        return Ok((requests, false));
                     };
                     let current = fetch(page).await?;
                     requests += 1;
@@ -256,16 +352,20 @@ impl Poller {
                             ),
                         }));
                     }
-                    let last = n == 0 || (n < page_size && count.is_none_or(|c| received >= c)) || page >= MAX_PAGES;
-                    if page >= MAX_PAGES && n > 0 {
-                        warn!(pages = MAX_PAGES, "Window has too many pages; the rest is left to the next poll.");
-                    }
+                    let last = n == 0 || (n < page_size && count.is_none_or(|c| received >= c));
                     if n > 0 {
                         unstored.fetch_add(n as u64, Ordering::Relaxed);
                         slot.send(current.records);
                     }
                     if last {
                         break;
+                    }
+                    // A count of more than the pages allowed can hold is
+                    // known from the first page; a server that sends no
+                    // count, or a wrong one, is stopped at the last page allowed.
+                    let too_many = count.is_some_and(|c| c > u64::from(s.max_pages) * page_size as u64);
+                    if page >= s.max_pages || (page == 1 && too_many) {
+                        return Ok((requests, true));
                     }
                     prev_edges = edges;
                     page += 1;
@@ -284,14 +384,14 @@ impl Poller {
                 }
                 break;
             }
-            Ok(requests)
+            Ok((requests, false))
         };
         // Whichever fails first ends the poll (a storer's error is the one
         // reported: paging just stops when it finds the queue closed); the
         // storer finishes once paging ends and closes the queue.
-        let (requests, (mut report, max_created)) = tokio::try_join!(paging, storing)?;
+        let ((requests, capped), (mut report, max_created)) = tokio::try_join!(paging, storing)?;
         report.requests = requests;
-        self.finish(max_created, w.end, now, report).await
+        Ok(if capped { Paged::TooManyPages(report) } else { Paged::Complete(report, max_created) })
     }
 
     async fn poll_days(&self, cp: window::Checkpoint, cancel: &CancellationToken) -> Result<PollReport, PollError> {
@@ -323,7 +423,8 @@ impl Poller {
             }
             self.ingest(vec![p.records], (day, day + window::DAY), now, false, &mut report, &mut max_created).await?;
         }
-        self.finish(max_created, window::floor_to(now, MINUTE) - MINUTE, now, report).await
+        report.watermark = self.complete(max_created, window::floor_to(now, MINUTE) - MINUTE, now).await?;
+        Ok(report.done(&s.name))
     }
 
     /// Store the pages sent on `pages`, which answered a query for
@@ -388,13 +489,9 @@ impl Poller {
         Ok(())
     }
 
-    async fn finish(
-        &self,
-        max_created: Option<i64>,
-        polled_until: i64,
-        now: i64,
-        mut report: PollReport,
-    ) -> Result<PollReport, PollError> {
+    /// A window is fully stored: commit its watermark (the newest
+    /// `createdAt` stored, capped at `polled_until`); the new watermark.
+    async fn complete(&self, max_created: Option<i64>, polled_until: i64, now: i64) -> Result<Option<i64>, PollError> {
         let s = &self.stream;
         // A record stamped after the window (the API's clock ahead, or bad
         // data) must not carry the watermark past what was polled. The next
@@ -408,17 +505,7 @@ impl Poller {
                 window::prune_before(daily, cp, overlap, lookback, now)
             })
             .await?;
-        report.watermark = cp.watermark;
-        info!(
-            stream = %s.name,
-            requests = report.requests,
-            fetched = report.fetched,
-            new = report.new,
-            duplicate = report.duplicate,
-            watermark = %cp.watermark.map(fmt_rfc3339).unwrap_or_else(|| "none".into()),
-            "Poll complete."
-        );
-        Ok(report)
+        Ok(cp.watermark)
     }
 
     /// Wait while the journal, plus `pending` records fetched but not yet

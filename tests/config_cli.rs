@@ -32,6 +32,7 @@ async fn bad_configs_exit_78_naming_the_key() {
         (BASE.replace("token = \"t\"", "token_file = \"/nonexistent/opsera-token\""), "api.token_file"),
         (BASE.replace("http://127.0.0.1:9", "http://opsera.example.com"), "api.base_url"),
         (format!("{BASE}\n[streams.user_activity]\npage_size = 5000\n"), "streams.user_activity.page_size"),
+        (format!("{BASE}\n[streams.user_activity]\nmax_pages = 1\n"), "streams.user_activity.max_pages"),
         (format!("{BASE}\n[streams.audit_trail]\ninterval = \"1m\"\n"), "streams.audit_trail"),
         (BASE.replace("type = \"file\"", "type = \"carrier-pigeon\""), "carrier-pigeon"),
         (BASE.replace("token = \"t\"\n", ""), "no API token"),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use opsera_shipper::simulator::{Fault, SimOptions};
+use opsera_shipper::window::parse_timestamp;
 
 const ONE_STREAM: &str = "[streams.token_activity]\nenabled = false\n";
 
@@ -234,6 +235,65 @@ async fn a_server_that_ignores_page_fails_the_poll_instead_of_skipping_records()
     assert_eq!(watermark(&status_json(&h, &cfg).await, "user_activity"), None, "the checkpoint did not move");
     // Once the server pages properly, everything arrives, once.
     h.sim.set_ignore_page(false);
+    let o = h.run(&["once", "--config", c]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_exactly_once(&h.lines(), &h.sim.user_records().into_iter().collect());
+}
+
+/// A window with more pages than `max_pages` is polled in narrower spans,
+/// each completed before the next. Stopping at the cap and completing the
+/// window moved the watermark to the newest record (served first) past the
+/// pages never read. With a count, the first page shows the window is too
+/// large; a server that caps its pages silently is stopped at the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_of_more_pages_than_allowed_is_polled_in_narrower_spans_losing_nothing() {
+    for page_cap in [None, Some(5)] {
+        let h = Harness::new(SimOptions { backlog_span: Duration::from_secs(3600), page_cap, ..opts(300, 0) }).await;
+        let cfg = h.config(&format!(
+            "{ONE_STREAM}[streams.user_activity]\npage_size = 10\nmax_pages = 8\ninitial_lookback = \"2h\"\n"
+        ));
+        let c = cfg.to_str().unwrap();
+        let o = h.run(&["once", "--config", c]).await;
+        let err = stderr(&o);
+        assert!(o.status.success(), "{page_cap:?}: {err}");
+        no_panic(&err);
+        assert!(err.contains("polling it in narrower spans"), "{page_cap:?}: {err}");
+        assert_exactly_once(&h.lines(), &h.sim.user_records().into_iter().collect());
+        let wm = watermark(&status_json(&h, &cfg).await, "user_activity").and_then(|w| parse_timestamp(&w));
+        assert_eq!(wm, Some(newest_created(&h)), "{page_cap:?}: the watermark is the newest record's");
+        // The next poll starts from there: nothing more to deliver.
+        let o = h.run(&["once", "--config", c]).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_exactly_once(&h.lines(), &h.sim.user_records().into_iter().collect());
+    }
+}
+
+/// The newest `createdAt` the simulator serves for user activity.
+fn newest_created(h: &Harness) -> i64 {
+    let created = |l: &str| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        parse_timestamp(v["createdAt"].as_str().unwrap()).unwrap()
+    };
+    h.sim.user_records().iter().map(|(_, l)| created(l)).max().unwrap()
+}
+
+/// A window of two minutes that still has more pages than allowed cannot
+/// be narrowed: the poll fails, naming the key, and the watermark stays
+/// short of the newest record; with the bound raised, everything arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_too_busy_to_narrow_fails_the_poll_and_keeps_the_checkpoint() {
+    let h = Harness::new(SimOptions { backlog_span: Duration::from_secs(30), ..opts(100, 0) }).await;
+    let cfg = h.config(&format!(
+        "{ONE_STREAM}[streams.user_activity]\npage_size = 10\nmax_pages = 2\ninitial_lookback = \"1h\"\n"
+    ));
+    let c = cfg.to_str().unwrap();
+    let o = h.run(&["once", "--config", c]).await;
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(75), "{err}");
+    assert!(err.contains("streams.user_activity.max_pages") && err.contains("/api/v2/logs/audit/user"), "{err}");
+    let wm = watermark(&status_json(&h, &cfg).await, "user_activity").and_then(|w| parse_timestamp(&w));
+    assert!(wm.is_none_or(|wm| wm < newest_created(&h)), "the watermark moved past records not read: {wm:?}");
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("max_pages = 2", "max_pages = 20")).unwrap();
     let o = h.run(&["once", "--config", c]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert_exactly_once(&h.lines(), &h.sim.user_records().into_iter().collect());

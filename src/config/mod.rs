@@ -134,6 +134,8 @@ struct RawStream {
     initial_lookback: Option<String>,
     #[serde(default, deserialize_with = "lenient::opt_u64")]
     page_size: Option<u64>,
+    #[serde(default, deserialize_with = "lenient::opt_u64")]
+    max_pages: Option<u64>,
     #[serde(rename = "type")]
     type_: Option<String>,
     action: Option<String>,
@@ -264,6 +266,9 @@ pub struct StreamConfig {
     pub overlap: Duration,
     pub initial_lookback: Duration,
     pub page_size: u32,
+    /// Pages read from one query window at most; a window with more is
+    /// polled again in narrower spans (v2 only).
+    pub max_pages: u32,
     /// Query filters passed to the API as they are (`type`, `action`, …).
     pub filters: Vec<(String, String)>,
 }
@@ -580,6 +585,10 @@ fn validate_stream(name: &str, rs: RawStream) -> Result<StreamConfig, String> {
     if !(1..=1000).contains(&page_size) {
         return Err(format!("{}: must be between 1 and 1000 (the API's limit)", key("page_size")));
     }
+    let max_pages = rs.max_pages.unwrap_or(100_000);
+    if !(2..=u64::from(u32::MAX)).contains(&max_pages) {
+        return Err(format!("{}: must be between 2 and {}", key("max_pages"), u32::MAX));
+    }
     let mut filters = Vec::new();
     let candidates = [
         ("type", rs.type_),
@@ -615,6 +624,7 @@ fn validate_stream(name: &str, rs: RawStream) -> Result<StreamConfig, String> {
         overlap,
         initial_lookback,
         page_size: page_size as u32,
+        max_pages: max_pages as u32,
         filters,
     })
 }
@@ -860,6 +870,7 @@ impl Config {
             let _ = writeln!(o, "initial_lookback = {:?}", humantime::format_duration(s.initial_lookback).to_string());
             if s.kind == StreamKind::UserActivityV2 {
                 let _ = writeln!(o, "page_size = {}", s.page_size);
+                let _ = writeln!(o, "max_pages = {}", s.max_pages);
             }
             for (k, v) in &s.filters {
                 let _ = writeln!(o, "{k} = {v:?}");
@@ -1010,6 +1021,7 @@ mod tests {
         assert!(c.streams.iter().all(|s| s.enabled));
         assert_eq!(c.streams[0].interval, Duration::from_secs(60));
         assert_eq!(c.streams[1].interval, Duration::from_secs(300));
+        assert_eq!(c.streams[0].max_pages, 100_000);
         assert_eq!(c.streams[0].initial_lookback, Duration::from_secs(7 * 86400));
         assert_eq!(c.sinks[0].streams, vec!["user_activity", "token_activity"]);
         assert_eq!(c.state.max_buffered_bytes, 1 << 30);
