@@ -399,15 +399,7 @@ impl Dispatcher {
             match self.deliver(&rows, cancel).await {
                 Delivered::Cancelled => return Ok(Exit::Cancelled),
                 Delivered::Done { pos, refused } => {
-                    // The file position first: were the dead letters settled
-                    // first, a crash in between would cut delivered rows that
-                    // are no longer kept anywhere.
-                    if pos.is_some() {
-                        let seq = self.cursor;
-                        if self.commit(seq, pos, cancel).await.is_none() || self.settle(cancel).await.is_none() {
-                            return Ok(Exit::Cancelled);
-                        }
-                    }
+                    let mut outcomes = Vec::with_capacity(pending.len());
                     for (i, (dl, row)) in pending.iter().enumerate() {
                         let again = refused.iter().find(|(j, _, _)| *j == i).map(|(_, r, s)| (r.clone(), *s));
                         match &again {
@@ -416,14 +408,19 @@ impl Dispatcher {
                                 warn!(sink = %self.name, record = %row.id, %reason, "Dead letter refused again.")
                             }
                         }
-                        if persist(&self.name, cancel, "a retried dead letter", || {
-                            self.store.settle_retry(*dl, again.clone(), now_ms())
-                        })
-                        .await
-                        .is_none()
-                        {
-                            return Ok(Exit::Cancelled);
-                        }
+                        outcomes.push((*dl, again));
+                    }
+                    // The file's new position and the dead letters' fate
+                    // commit together: apart, a crash between them would cut
+                    // delivered rows no longer kept anywhere, or send them again.
+                    let seq = self.cursor;
+                    if persist(&self.name, cancel, "retried dead letters", || {
+                        self.store.settle_retries(&self.name, seq, pos, outcomes.clone(), now_ms())
+                    })
+                    .await
+                    .is_none()
+                    {
+                        return Ok(Exit::Cancelled);
                     }
                 }
             }

@@ -838,23 +838,7 @@ impl Store {
             .run(move |inner, conn| {
                 // The cursor and the trim it allows commit together: one fsync a batch.
                 let tx = conn.transaction().map_err(|e| sq(inner, e))?;
-                tx.prepare_cached(
-                    "INSERT INTO sink_cursors(sink, delivered_seq, file_dev, file_ino, file_offset, updated)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT(sink) DO UPDATE SET delivered_seq = ?2, file_dev = ?3, file_ino = ?4,
-                        file_offset = ?5, updated = ?6, last_error = NULL",
-                )
-                .and_then(|mut st| {
-                    st.execute(params![
-                        sink,
-                        seq,
-                        file.map(|f| f.dev as i64),
-                        file.map(|f| f.ino as i64),
-                        file.map(|f| f.offset as i64),
-                        now
-                    ])
-                })
-                .map_err(|e| sq(inner, e))?;
+                save_cursor(&tx, &sink, seq, file, now).map_err(|e| sq(inner, e))?;
                 let freed = trim_in(inner, &tx)?;
                 tx.commit().map_err(|e| sq(inner, e))?;
                 release(inner, conn, freed);
@@ -988,23 +972,39 @@ impl Store {
         .await
     }
 
-    /// A retried dead letter was delivered (`refused = None`: delete it) or refused again.
-    pub async fn settle_retry(
+    /// Retried dead letters of `sink` were delivered (`None`: delete them)
+    /// or refused again (why), and the sink's file now stands at `file`: all
+    /// of it commits in one transaction, with the cursor left at `seq`, so a
+    /// crash neither cuts delivered records that are no longer kept anywhere
+    /// nor sends them again.
+    pub async fn settle_retries(
         &self,
-        dead_letter_id: i64,
-        refused: Option<(String, Option<u16>)>,
+        sink: &str,
+        seq: i64,
+        file: Option<FilePos>,
+        outcomes: Vec<(i64, Option<Refusal>)>,
         now: i64,
     ) -> Result<(), StoreError> {
+        let sink = sink.to_string();
         self.run(move |inner, conn| {
-            match refused {
-                None => conn.execute("DELETE FROM dead_letters WHERE id = ?1", [dead_letter_id]),
-                Some((reason, status)) => conn.execute(
-                    "UPDATE dead_letters SET retry = 0, reason = ?2, status = ?3, at = ?4 WHERE id = ?1",
-                    params![dead_letter_id, reason, status, now],
-                ),
-            }
-            .map(|_| ())
-            .map_err(|e| sq(inner, e))
+            let settled = (|| {
+                let tx = conn.transaction()?;
+                if file.is_some() {
+                    save_cursor(&tx, &sink, seq, file, now)?;
+                }
+                for (id, refused) in outcomes {
+                    match refused {
+                        None => tx.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?.execute([id])?,
+                        Some((reason, status)) => tx
+                            .prepare_cached(
+                                "UPDATE dead_letters SET retry = 0, reason = ?2, status = ?3, at = ?4 WHERE id = ?1",
+                            )?
+                            .execute(params![id, reason, status, now])?,
+                    };
+                }
+                tx.commit()
+            })();
+            settled.map_err(|e| sq(inner, e))
         })
         .await
     }
@@ -1134,6 +1134,34 @@ impl Store {
 
 /// Records journaled after `seq` (all streams), and the oldest `createdAt`
 /// of their pages.
+/// Why a receiver refused a record: its reply, and the HTTP status if any.
+pub type Refusal = (String, Option<u16>);
+
+/// Move `sink`'s cursor to `seq` and its file position to `file`.
+fn save_cursor(
+    tx: &rusqlite::Transaction,
+    sink: &str,
+    seq: i64,
+    file: Option<FilePos>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO sink_cursors(sink, delivered_seq, file_dev, file_ino, file_offset, updated)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(sink) DO UPDATE SET delivered_seq = ?2, file_dev = ?3, file_ino = ?4,
+            file_offset = ?5, updated = ?6, last_error = NULL",
+    )?
+    .execute(params![
+        sink,
+        seq,
+        file.map(|f| f.dev as i64),
+        file.map(|f| f.ino as i64),
+        file.map(|f| f.offset as i64),
+        now
+    ])
+    .map(|_| ())
+}
+
 fn lag(conn: &Connection, seq: i64) -> rusqlite::Result<(i64, Option<i64>)> {
     conn.prepare_cached(
         "SELECT coalesce(sum(min(records, first_seq + records - 1 - ?1)), 0), min(min_created)
@@ -1730,6 +1758,48 @@ mod tests {
             let ids: Vec<String> = b.rows.iter().map(|r| r.id.to_string()).collect();
             assert_eq!(ids, ["a", "b", "c", "d", "e", "f"]);
             assert_eq!(b.rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+        });
+    }
+
+    #[test]
+    fn retried_dead_letters_and_the_file_position_commit_together() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(&dir.path().join("s.db")).unwrap();
+            s.register_sinks(vec!["a".into()]).await.unwrap();
+            s.ingest("u", vec![rec("x", 1), rec("y", 2)], (0, 0)).await.unwrap();
+            let rows = s.read_batch(0, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap().rows;
+            for row in rows {
+                s.dead_letter("a", row, "refused".into(), Some(400), 5).await.unwrap();
+            }
+            s.commit_cursor("a", 2, Some(FilePos { dev: 1, ino: 2, offset: 10 }), 6).await.unwrap();
+            assert_eq!(s.select_dead_letters(Some("a".into()), vec![], false).await.unwrap(), 2);
+            let pending = s.retry_requests("a", 10).await.unwrap();
+            let outcomes = vec![(pending[0].0, None), (pending[1].0, Some(("again".to_string(), Some(422))))];
+            let moved = Some(FilePos { dev: 1, ino: 2, offset: 99 });
+            // The dead letter's deletion fails: the position must not move either.
+            s.run(|inner, c| {
+                c.execute_batch(
+                    "CREATE TRIGGER refuse BEFORE DELETE ON dead_letters BEGIN SELECT RAISE(ABORT, 'refused'); END",
+                )
+                .map_err(|e| sq(inner, e))
+            })
+            .await
+            .unwrap();
+            assert!(s.settle_retries("a", 2, moved, outcomes.clone(), 7).await.is_err());
+            assert_eq!(s.sink_cursor("a").await.unwrap().file.map(|f| f.offset), Some(10));
+            assert_eq!(s.retry_requests("a", 10).await.unwrap().len(), 2, "both still to retry");
+            s.run(|inner, c| c.execute_batch("DROP TRIGGER refuse").map_err(|e| sq(inner, e))).await.unwrap();
+            s.settle_retries("a", 2, moved, outcomes, 7).await.unwrap();
+            let cursor = s.sink_cursor("a").await.unwrap();
+            assert_eq!((cursor.delivered_seq, cursor.file), (2, moved));
+            assert!(s.retry_requests("a", 10).await.unwrap().is_empty());
+            let left = s.dead_letters(Some("a".into())).await.unwrap();
+            assert_eq!(left.len(), 1);
+            assert_eq!(
+                (left[0].record_id.as_str(), left[0].reason.as_str(), left[0].status),
+                ("y", "again", Some(422))
+            );
         });
     }
 
