@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{StreamConfig, StreamKind};
 use crate::opsera::{ApiError, Client, CountMeaning, Record};
@@ -327,7 +327,19 @@ impl Poller {
                         // The storer stopped, which only an error does: that error is the one reported.
                         return Ok((requests, false));
                     };
-                    let current = fetch(page).await?;
+                    let current = match fetch(page).await {
+                        Ok(current) => current,
+                        // A server that refuses a page past the end, once
+                        // every record it counted has arrived: the window is complete.
+                        Err(ApiError::Rejected { status: 400 | 404 | 416, url, .. })
+                            if page > 1 && count.is_some_and(|c| received >= c) =>
+                        {
+                            debug!(%url, "A page past the end was refused; the window is complete.");
+                            requests += 1;
+                            break;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     requests += 1;
                     let n = current.records.len();
                     if let Some(c) = current.count {
@@ -341,6 +353,12 @@ impl Poller {
                         _ => None,
                     };
                     if edges.is_some() && edges == prev_edges {
+                        // A server that answers a page past the end with its
+                        // last page again: every record counted has arrived.
+                        if count.is_some_and(|c| received - n as u64 >= c) {
+                            received -= n as u64;
+                            break;
+                        }
                         // Completing the window would move the watermark past
                         // records never fetched: fail the poll instead, loudly.
                         return Err(PollError::Api(ApiError::BadResponse {

@@ -31,6 +31,17 @@ pub enum EndBound {
     Exclusive,
 }
 
+/// How the server answers a `page` past the last one (the real API's choice is unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PastEnd {
+    /// An empty page.
+    Empty,
+    /// The last page again.
+    LastPage,
+    /// `404` with an error body.
+    NotFound,
+}
+
 /// A one-shot misbehaviour, applied to the next request (any endpoint).
 #[derive(Debug, Clone)]
 pub enum Fault {
@@ -80,6 +91,8 @@ pub struct SimOptions {
     pub latency: Duration,
     /// Serve the first page whatever `page` asks for (a broken server).
     pub ignore_page: bool,
+    /// How a `page` past the last is answered (the real API's choice is unknown).
+    pub past_end: PastEnd,
 }
 
 impl Default for SimOptions {
@@ -97,6 +110,7 @@ impl Default for SimOptions {
             skew_ms: 0,
             latency: Duration::ZERO,
             ignore_page: false,
+            past_end: PastEnd::Empty,
         }
     }
 }
@@ -649,7 +663,14 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
         .collect();
     let size = st.opts.page_cap.map_or(page_size, |c| c.min(page_size));
     let page = if st.opts.ignore_page { 1 } else { page };
-    let from = (page - 1).saturating_mul(size).min(matching.len());
+    let mut from = (page - 1).saturating_mul(size).min(matching.len());
+    if from == matching.len() && page > 1 {
+        match st.opts.past_end {
+            PastEnd::Empty => {}
+            PastEnd::LastPage => from = from.saturating_sub(1) / size * size,
+            PastEnd::NotFound => return json_error(StatusCode::NOT_FOUND, "page out of range"),
+        }
+    }
     let to = (from + size).min(matching.len());
     let extra: &[String] = if page == 1 { &st.extra } else { &[] };
     let body = with_extra(st.render(matching.len() + extra.len(), &matching[from..to]), extra);

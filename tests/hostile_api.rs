@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use opsera_shipper::simulator::{Fault, SimOptions};
+use opsera_shipper::simulator::{Fault, PastEnd, SimOptions};
 use opsera_shipper::window::parse_timestamp;
 
 const ONE_STREAM: &str = "[streams.token_activity]\nenabled = false\n";
@@ -238,6 +238,32 @@ async fn a_server_that_ignores_page_fails_the_poll_instead_of_skipping_records()
     let o = h.run(&["once", "--config", c]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert_exactly_once(&h.lines(), &h.sim.user_records().into_iter().collect());
+}
+
+/// Whether a page past the end comes back empty, as the last page again
+/// or as an error is unknown. When a window holds a whole number of pages,
+/// the page after the last is asked for; a server that repeats its last page
+/// or refuses the page there has already sent every record its `count`
+/// promised, so the window is complete (both used to fail the poll: as a
+/// server that ignores `page`, and as a refused request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_past_the_end_answered_with_the_last_page_or_an_error_completes_the_window() {
+    for past_end in [PastEnd::LastPage, PastEnd::NotFound] {
+        let h = Harness::new(SimOptions { past_end, ..opts(200, 0) }).await;
+        let cfg = h.config(&format!("{ONE_STREAM}[streams.user_activity]\npage_size = 100\n"));
+        let c = cfg.to_str().unwrap();
+        let o = h.run(&["once", "--config", c]).await;
+        let err = stderr(&o);
+        assert!(o.status.success(), "{past_end:?}: {err}");
+        assert!(!err.contains("paging the window again"), "{past_end:?}: the page past the end is not counted: {err}");
+        assert_eq!(h.sim.requests(), 3, "{past_end:?}: pages 1, 2 and the one past the end: {err}");
+        assert_exactly_once(&h.lines(), &h.sim.user_records().into_iter().collect());
+        // More records later, again a whole number of pages: delivered once.
+        h.sim.add_user_at(100, h.sim.now() - 3 * MINUTE);
+        let o = h.run(&["once", "--config", c]).await;
+        assert!(o.status.success(), "{past_end:?}: {}", stderr(&o));
+        assert_exactly_once(&h.lines(), &h.sim.user_records().into_iter().collect());
+    }
 }
 
 /// A window with more pages than `max_pages` is polled in narrower spans,
