@@ -9,6 +9,7 @@
 //! dedup makes that harmless. Polls of one stream never overlap: one task
 //! runs them one after another.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -26,8 +27,19 @@ pub const V1_CAP: usize = 1000;
 enum Paged {
     /// Every page read and stored; the newest `createdAt` stored.
     Complete(PollReport, Option<i64>),
-    /// Stopped at `max_pages` (what was read is stored).
-    TooManyPages(PollReport),
+    /// The window is to be polled in narrower spans (what was read is stored).
+    Narrow(PollReport, Narrow),
+}
+
+/// Why a window is polled in narrower spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Narrow {
+    /// It has more than `max_pages` pages.
+    TooManyPages,
+    /// Paged twice, the unique records received differed from the server's
+    /// count both times (records served twice and others skipped across
+    /// pages: an order that is not stable between requests).
+    Unsettled,
 }
 
 /// Pages fetched ahead (queued, or being fetched) while earlier ones are
@@ -87,6 +99,12 @@ impl PollReport {
         );
         self
     }
+}
+
+/// A record id's hash, to count ids served twice across a page boundary.
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
 }
 
 /// Records whose `createdAt` lies outside the window they were returned
@@ -216,11 +234,12 @@ impl Poller {
     }
 
     /// Poll the v2 window from the checkpoint to the last whole minute. A
-    /// window with more than `max_pages` pages is polled in narrower spans
-    /// (halved until one fits, doubled again after each that did), one after
-    /// the other, each completed (its watermark committed) before the next:
-    /// stopping at the cap and completing the window would move the
-    /// watermark past the pages never read (the order is unknown).
+    /// window with more than `max_pages` pages, or one whose records did not
+    /// add up to the server's count in two passes, is polled in narrower
+    /// spans (halved until one fits, doubled again after each that did), one
+    /// after the other, each completed (its watermark committed) before the
+    /// next: completing it would move the watermark past the pages never read
+    /// (the order is unknown), or past records skipped while paging.
     async fn poll_window(&self, cp: window::Checkpoint, cancel: &CancellationToken) -> Result<PollReport, PollError> {
         let s = &self.stream;
         let now = now_ms();
@@ -231,7 +250,10 @@ impl Poller {
         loop {
             let end = span.map_or(whole.end, |span| (start + span).min(whole.end));
             let w = Window { start, end };
-            match self.page_window(w, now, cancel).await? {
+            // Spans of two minutes at least, so that each moves on by one.
+            let narrower = window::floor_to((w.end - w.start) / 2, MINUTE).max(2 * MINUTE);
+            let can_narrow = w.end - w.start > 2 * MINUTE;
+            match self.page_window(w, now, can_narrow, cancel).await? {
                 Paged::Complete(part, max_created) => {
                     report.add(&part);
                     report.watermark = self.complete(max_created, w.end, now).await?;
@@ -244,11 +266,9 @@ impl Poller {
                     // Spans grow again past a busy stretch.
                     span = span.map(|span| span.saturating_mul(2));
                 }
-                Paged::TooManyPages(part) => {
+                Paged::Narrow(part, why) => {
                     report.add(&part);
-                    // Spans of two minutes at least, so that each moves on by one.
-                    let narrower = window::floor_to((w.end - w.start) / 2, MINUTE).max(2 * MINUTE);
-                    if w.end - w.start <= 2 * MINUTE {
+                    if !can_narrow {
                         return Err(PollError::Api(ApiError::BadResponse {
                             url: self.client.url(s.kind.path(), &self.query(w)),
                             reason: format!(
@@ -259,14 +279,16 @@ impl Poller {
                             ),
                         }));
                     }
+                    let because = match why {
+                        Narrow::TooManyPages => format!("it has more pages than streams.{}.max_pages", s.name),
+                        Narrow::Unsettled => "its records did not add up to the server's count twice".to_string(),
+                    };
                     warn!(
                         stream = %s.name,
-                        pages = s.max_pages,
                         from = %fmt_rfc3339(w.start),
                         to = %fmt_rfc3339(w.end),
                         span = %humantime::format_duration(Duration::from_millis(narrower as u64)),
-                        "Window has more pages than streams.{}.max_pages; polling it in narrower spans.",
-                        s.name
+                        "Polling the window in narrower spans: {because}."
                     );
                     span = Some(narrower);
                 }
@@ -289,8 +311,16 @@ impl Poller {
         q
     }
 
-    /// Page the window `w` and store its records; its watermark is not moved.
-    async fn page_window(&self, w: Window, now: i64, cancel: &CancellationToken) -> Result<Paged, PollError> {
+    /// Page the window `w` and store its records; its watermark is not
+    /// moved. `can_narrow`: a window whose records do not add up may be
+    /// polled in narrower spans (else it is completed with a warning).
+    async fn page_window(
+        &self,
+        w: Window,
+        now: i64,
+        can_narrow: bool,
+        cancel: &CancellationToken,
+    ) -> Result<Paged, PollError> {
         let s = &self.stream;
         let base = self.query(w);
         let page_size = s.page_size as usize;
@@ -307,15 +337,18 @@ impl Poller {
         let unstored = AtomicU64::new(0);
         let storing = self.store_pages(pages, (w.start, w.end + MINUTE), now, &unstored);
         // Page the window. Records shifting between pages (one written while
-        // paging) change the server's count, so a count that moved, or a
-        // total that differs from what was received, pages the window once
-        // more. No per-record state is kept, so memory does not grow with
-        // the window. `true` when paging stopped at `max_pages`.
+        // paging, or an order that is not stable between requests) change
+        // the server's count or serve a record twice and skip another, so a
+        // count that moved, or one that differs from the unique records
+        // received, pages the window once more, and narrower after that.
+        // Only the previous page's ids are kept (hashed), so memory does not
+        // grow with the window. Why to narrow, if paging stopped early.
         let paging = async {
             let queue = queue;
             let mut requests = 0u32;
             for pass in 0..2 {
-                let mut received = 0u64;
+                let (mut received, mut unique) = (0u64, 0u64);
+                let mut prev_ids: HashSet<u64> = HashSet::new();
                 let (mut first_count, mut count, mut count_moved) = (None::<u64>, None::<u64>, false);
                 let mut prev_edges: Option<(crate::text::Text, crate::text::Text)> = None;
                 let mut page = 1u32;
@@ -325,7 +358,7 @@ impl Poller {
                     // only to be held until the storer takes it.
                     let Ok(slot) = queue.reserve().await else {
                         // The storer stopped, which only an error does: that error is the one reported.
-                        return Ok((requests, false));
+                        return Ok((requests, None));
                     };
                     let current = match fetch(page).await {
                         Ok(current) => current,
@@ -370,6 +403,9 @@ impl Poller {
                             ),
                         }));
                     }
+                    let ids: HashSet<u64> = current.records.iter().map(|r| id_hash(&r.id)).collect();
+                    unique += ids.difference(&prev_ids).count() as u64;
+                    prev_ids = ids;
                     let last = n == 0 || (n < page_size && count.is_none_or(|c| received >= c));
                     if n > 0 {
                         unstored.fetch_add(n as u64, Ordering::Relaxed);
@@ -383,33 +419,41 @@ impl Poller {
                     // count, or a wrong one, is stopped at the last page allowed.
                     let too_many = count.is_some_and(|c| c > u64::from(s.max_pages) * page_size as u64);
                     if page >= s.max_pages || (page == 1 && too_many) {
-                        return Ok((requests, true));
+                        return Ok((requests, Some(Narrow::TooManyPages)));
                     }
                     prev_edges = edges;
                     page += 1;
                 }
-                let moved = count_moved || count.is_some_and(|c| c != received);
+                let moved = count_moved || count.is_some_and(|c| c != unique);
                 if moved {
                     if pass == 0 {
-                        info!(count = ?count, received, "Records moved while paging; paging the window again.");
+                        info!(count = ?count, received, unique, "Records moved while paging; paging the window again.");
                         continue;
+                    }
+                    // A window of one page cannot be read differently in parts.
+                    if can_narrow && page > 1 {
+                        return Ok((requests, Some(Narrow::Unsettled)));
                     }
                     warn!(
                         count = ?count,
                         received,
+                        unique,
                         "Records received still differ from the server's count; the next poll's overlap picks up what was missed."
                     );
                 }
                 break;
             }
-            Ok((requests, false))
+            Ok((requests, None))
         };
         // Whichever fails first ends the poll (a storer's error is the one
         // reported: paging just stops when it finds the queue closed); the
         // storer finishes once paging ends and closes the queue.
-        let ((requests, capped), (mut report, max_created)) = tokio::try_join!(paging, storing)?;
+        let ((requests, narrow), (mut report, max_created)) = tokio::try_join!(paging, storing)?;
         report.requests = requests;
-        Ok(if capped { Paged::TooManyPages(report) } else { Paged::Complete(report, max_created) })
+        Ok(match narrow {
+            Some(why) => Paged::Narrow(report, why),
+            None => Paged::Complete(report, max_created),
+        })
     }
 
     async fn poll_days(&self, cp: window::Checkpoint, cancel: &CancellationToken) -> Result<PollReport, PollError> {

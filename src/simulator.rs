@@ -93,6 +93,10 @@ pub struct SimOptions {
     pub ignore_page: bool,
     /// How a `page` past the last is answered (the real API's choice is unknown).
     pub past_end: PastEnd,
+    /// An order that is not stable between requests: on every other
+    /// request, the records on either side of each page boundary trade
+    /// places, so paging serves one of them twice and skips the other.
+    pub unstable_order: bool,
 }
 
 impl Default for SimOptions {
@@ -111,6 +115,7 @@ impl Default for SimOptions {
             latency: Duration::ZERO,
             ignore_page: false,
             past_end: PastEnd::Empty,
+            unstable_order: false,
         }
     }
 }
@@ -654,7 +659,7 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
         EndBound::MinuteInclusive => e + MINUTE,
         EndBound::Exclusive => e,
     });
-    let matching: Vec<&SimRecord> = st
+    let mut matching: Vec<&SimRecord> = st
         .user
         .iter()
         .rev()
@@ -662,6 +667,11 @@ async fn v2_user(State(state): State<AppState>, headers: HeaderMap, Query(p): Pa
         .filter(|r| filters.iter().all(|(k, v)| r.field(k).as_deref() == Some(*v)))
         .collect();
     let size = st.opts.page_cap.map_or(page_size, |c| c.min(page_size));
+    if st.opts.unstable_order && st.requests % 2 == 1 {
+        for edge in (size..matching.len()).step_by(size) {
+            matching.swap(edge - 1, edge);
+        }
+    }
     let page = if st.opts.ignore_page { 1 } else { page };
     let mut from = (page - 1).saturating_mul(size).min(matching.len());
     if from == matching.len() && page > 1 {
