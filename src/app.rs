@@ -220,7 +220,7 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> Result<u8, AppError> {
         health.register_stream(&s.name, s.interval);
     }
     if let Some(listen) = p.cfg.server_listen {
-        let sinks = p.cfg.sinks.iter().map(|s| s.name.clone()).collect();
+        let sinks = p.cfg.sinks.iter().map(|s| (s.name.clone(), s.streams.clone())).collect();
         let streams = p.cfg.enabled_streams().map(|s| s.name.clone()).collect();
         let addr = crate::server::start(listen, p.store.clone(), sinks, streams, stop.clone())
             .await
@@ -396,7 +396,7 @@ pub async fn status(cfg: Config, json: bool) -> Result<u8, AppError> {
         return Ok(exit::OK);
     }
     let store = open_store(&cfg.state.path, false).await?;
-    let st = store.status(cfg.sinks.iter().map(|s| s.name.clone()).collect()).await?;
+    let st = store.status(cfg.sinks.iter().map(|s| (s.name.clone(), s.streams.clone())).collect()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&st).map_err(|e| AppError::Other(e.into()))?);
         return Ok(exit::OK);

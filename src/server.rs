@@ -13,12 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
 use crate::metrics;
-use crate::store::Store;
+use crate::store::{SinkStreams, Store};
 
 #[derive(Clone)]
 struct Ctx {
     store: Store,
-    sinks: Vec<String>,
+    sinks: Vec<SinkStreams>,
     streams: Vec<String>,
 }
 
@@ -26,7 +26,7 @@ struct Ctx {
 pub async fn start(
     listen: SocketAddr,
     store: Store,
-    sinks: Vec<String>,
+    sinks: Vec<SinkStreams>,
     streams: Vec<String>,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {

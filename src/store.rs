@@ -1032,7 +1032,8 @@ impl Store {
     }
 
     /// Everything `status` shows.
-    pub async fn status(&self, sinks: Vec<String>) -> Result<Status, StoreError> {
+    /// `sinks`: each sink's name and the streams it receives.
+    pub async fn status(&self, sinks: Vec<SinkStreams>) -> Result<Status, StoreError> {
         self.run(move |inner, conn| {
             let q = |e| sq(inner, e);
             let schema_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(q)?;
@@ -1066,7 +1067,7 @@ impl Store {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(q)?;
             let mut out = Vec::new();
-            for name in sinks {
+            for (name, streams) in sinks {
                 let (seq, updated, last_error): (i64, Option<i64>, Option<String>) = conn
                     .query_row(
                         "SELECT delivered_seq, updated, last_error FROM sink_cursors WHERE sink = ?1",
@@ -1076,7 +1077,7 @@ impl Store {
                     .optional()
                     .map_err(q)?
                     .unwrap_or((0, None, None));
-                let (lag, _) = lag(conn, seq).map_err(q)?;
+                let (lag, _) = lag(conn, seq, &streams).map_err(q)?;
                 let dead: i64 = conn
                     .query_row("SELECT count(*) FROM dead_letters WHERE sink = ?1", [&name], |r| r.get(0))
                     .map_err(q)?;
@@ -1101,18 +1102,18 @@ impl Store {
         .await
     }
 
-    /// The store-derived gauges for `/metrics`.
-    pub async fn scrape(&self, sinks: Vec<String>, streams: Vec<String>) -> Result<Scrape, StoreError> {
+    /// The store-derived gauges for `/metrics`; `sinks` as for `status`.
+    pub async fn scrape(&self, sinks: Vec<SinkStreams>, streams: Vec<String>) -> Result<Scrape, StoreError> {
         self.run(move |inner, conn| {
             let q = |e| sq(inner, e);
             let mut out = Scrape::default();
-            for name in sinks {
+            for (name, sink_streams) in sinks {
                 let cursor: i64 = conn
                     .query_row("SELECT delivered_seq FROM sink_cursors WHERE sink = ?1", [&name], |r| r.get(0))
                     .optional()
                     .map_err(q)?
                     .unwrap_or(0);
-                let (lag_records, oldest_created) = lag(conn, cursor).map_err(q)?;
+                let (lag_records, oldest_created) = lag(conn, cursor, &sink_streams).map_err(q)?;
                 let dead_letters: i64 = conn
                     .query_row("SELECT count(*) FROM dead_letters WHERE sink = ?1", [&name], |r| r.get(0))
                     .map_err(q)?;
@@ -1132,8 +1133,9 @@ impl Store {
     }
 }
 
-/// Records journaled after `seq` (all streams), and the oldest `createdAt`
-/// of their pages.
+/// A sink's name and the streams it receives.
+pub type SinkStreams = (String, Vec<String>);
+
 /// Why a receiver refused a record: its reply, and the HTTP status if any.
 pub type Refusal = (String, Option<u16>);
 
@@ -1162,12 +1164,23 @@ fn save_cursor(
     .map(|_| ())
 }
 
-fn lag(conn: &Connection, seq: i64) -> rusqlite::Result<(i64, Option<i64>)> {
-    conn.prepare_cached(
+/// Records of `streams` journaled after `seq`, and the oldest `createdAt`
+/// of their pages.
+fn lag(conn: &Connection, seq: i64, streams: &[String]) -> rusqlite::Result<(i64, Option<i64>)> {
+    let mut st = conn.prepare_cached(
         "SELECT coalesce(sum(min(records, first_seq + records - 1 - ?1)), 0), min(min_created)
-         FROM journal_pages WHERE first_seq + records - 1 > ?1",
-    )?
-    .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+         FROM journal_pages WHERE first_seq + records - 1 > ?1 AND stream = ?2",
+    )?;
+    let (mut records, mut oldest) = (0, None::<i64>);
+    for stream in streams {
+        let (n, min): (i64, Option<i64>) = st.query_row(params![seq, stream], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        records += n;
+        oldest = match (oldest, min) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok((records, oldest))
 }
 
 /// Delete the journal pages every active sink has passed.
@@ -1943,8 +1956,17 @@ mod tests {
             assert_eq!(s.backlog().0, 7);
             s.commit_cursor("b", 9, None, 0).await.unwrap();
             assert_eq!(s.backlog().0, 3);
-            let st = s.status(vec!["b".into()]).await.unwrap();
+            let st = s.status(vec![("b".into(), vec!["u".into(), "t".into()])]).await.unwrap();
             assert_eq!((st.journal_records, st.sinks[0].lag_records), (3, 3));
+            // A sink's lag counts only the streams it receives.
+            let lag = |streams: &[&str]| {
+                let sinks = vec![("b".to_string(), streams.iter().map(|s| s.to_string()).collect())];
+                let s = s.clone();
+                async move { s.scrape(sinks, vec![]).await.unwrap().sinks[0].lag_records }
+            };
+            assert_eq!((lag(&["u"]).await, lag(&["t"]).await, lag(&["t", "u"]).await), (3, 0, 3));
+            s.ingest("t", page("w", 2), (0, 0)).await.unwrap(); // seq 13-14
+            assert_eq!((lag(&["u"]).await, lag(&["t"]).await, lag(&["t", "u"]).await), (3, 2, 5));
         });
     }
 
