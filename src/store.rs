@@ -380,6 +380,15 @@ impl Store {
         .map_err(sq)?;
         // Every statement this store runs stays prepared (rusqlite keeps 16).
         conn.set_prepared_statement_cache_capacity(64);
+        // Only the writer upgrades the schema: `status` or `dead-letters`
+        // run by a newer build must not change it under a running daemon.
+        if !writer && version < MIGRATIONS.len() as i64 {
+            return Err(err(format!(
+                "schema version {version}, older than this build's {}: it is upgraded when the daemon (or \
+                 `once`) starts with this build; until then use the running build's commands",
+                MIGRATIONS.len()
+            )));
+        }
         migrate(&mut conn, path)?;
         let segments = if writer {
             let mut committed = std::collections::BTreeMap::new();
@@ -1621,6 +1630,26 @@ mod tests {
         let e = Store::open(&p).err().unwrap().to_string();
         assert!(e.contains("newer opsera-shipper") && e.contains("state.db"), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), before);
+    }
+
+    #[test]
+    fn only_the_writer_upgrades_an_older_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old.db");
+        let mut c = Connection::open(&p).unwrap();
+        let tx = c.transaction().unwrap();
+        for m in &MIGRATIONS[..3] {
+            tx.execute_batch(m).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 3).unwrap();
+        tx.commit().unwrap();
+        let version = |c: &Connection| c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap();
+        let e = Store::open_read(&p).err().expect("a reader refuses an older schema").to_string();
+        assert!(e.contains("schema version 3") && e.contains("old.db"), "{e}");
+        assert_eq!(version(&c), 3, "left as it was");
+        Store::open(&p).unwrap();
+        assert_eq!(version(&c), MIGRATIONS.len() as i64);
+        Store::open_read(&p).unwrap();
     }
 
     #[test]
