@@ -248,7 +248,7 @@ impl Poller {
         let mut report = PollReport::default();
         let (mut start, mut span) = (whole.start, None::<i64>);
         loop {
-            let end = span.map_or(whole.end, |span| (start + span).min(whole.end));
+            let end = span.map_or(whole.end, |span| start.saturating_add(span).min(whole.end));
             let w = Window { start, end };
             // Spans of two minutes at least, so that each moves on by one.
             let narrower = window::floor_to((w.end - w.start) / 2, MINUTE).max(2 * MINUTE);
@@ -264,7 +264,7 @@ impl Poller {
                     // next span starts a minute before this one ended.
                     start = w.end - MINUTE;
                     // Spans grow again past a busy stretch.
-                    span = span.map(|span| span.saturating_mul(2));
+                    span = span.map(|span| span.saturating_mul(2).min(whole.end - whole.start));
                 }
                 Paged::Narrow(part, why) => {
                     report.add(&part);
