@@ -74,7 +74,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, AppError> {
 /// Logs go to stderr, never stdout (the stdout sink owns it). RUST_LOG overrides the level.
 fn init_logging(level: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // The platform verifier logs each refused certificate at ERROR, with no
+    // URL; the failed request is reported with its URL and that reason.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},rustls_platform_verifier=off")));
     // Colours only on a terminal: the journal and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()

@@ -7,7 +7,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::cef::{cef_ext, cef_ext_start};
-use common::rsyslog::{Rsyslog, make_certs};
+use common::rsyslog::Rsyslog;
+use common::tls::make_certs;
 use common::*;
 use opsera_shipper::simulator::SimOptions;
 

@@ -253,6 +253,57 @@ async fn rejected_credentials_hold_the_sink_and_lose_nothing() {
     assert_received_once(&r, &h.served());
 }
 
+/// HTTPS end to end: a receiver whose certificate only `tls.ca_file`
+/// trusts, then one that requires a client certificate. A sink that trusts
+/// another CA fails the handshake, says why, and keeps its records until
+/// the right CA is configured; nothing is lost or sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_private_ca_and_client_certificates_delivers_once() {
+    let h = Harness::new(opts(300, 0)).await;
+    let (server, client) = common::tls::make_certs(h.dir.path(), "hook");
+    let (other, _) = common::tls::make_certs(h.dir.path(), "other");
+    let tls = |ca: &std::path::Path, client_cert: bool| {
+        let mut t = format!("[sinks.hook.tls]\nca_file = {:?}\n", ca.display().to_string());
+        if client_cert {
+            t += &format!(
+                "cert_file = {:?}\nkey_file = {:?}\n",
+                client.cert.display().to_string(),
+                client.key.display().to_string()
+            );
+        }
+        t
+    };
+    let r = Receiver::start_tls(Mode::Ndjson, &server, None).await;
+    assert!(r.url().starts_with("https://"));
+    let one = "[streams.token_activity]\nenabled = false\n";
+    // A CA that did not sign the receiver's certificate: refused, kept.
+    let cfg = h.config(&hook(&r, &format!("{one}{}", tls(&other.ca, false))));
+    let o = h.run(&["once", "--timeout", "2s", "--config", cfg.to_str().unwrap()]).await;
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(75), "{err}");
+    assert!(err.contains(&r.url()) && err.to_lowercase().contains("certificate"), "names the URL and why: {err}");
+    assert!(!err.contains("ERROR failed to verify"), "one report, with the URL: {err}");
+    assert!(r.st().accepted.is_empty());
+    // The right CA: everything, once.
+    let cfg = h.config(&hook(&r, &format!("{one}{}", tls(&server.ca, false))));
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_received_once(&r, &h.served());
+
+    // Mutual TLS: without a client certificate the receiver refuses the
+    // handshake; with one, it accepts.
+    let h = Harness::new(opts(200, 0)).await;
+    let r = Receiver::start_tls(Mode::Ndjson, &server, Some(&server.ca)).await;
+    let cfg = h.config(&hook(&r, &format!("{one}{}", tls(&server.ca, false))));
+    let o = h.run(&["once", "--timeout", "2s", "--config", cfg.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(r.st().accepted.is_empty());
+    let cfg = h.config(&hook(&r, &format!("{one}{}", tls(&server.ca, true))));
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_received_once(&r, &h.served());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_outage_holds_back_only_its_sink_and_loses_nothing() {
     let h = Harness::new(opts(600, 60)).await;

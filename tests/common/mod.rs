@@ -11,6 +11,7 @@ use std::time::Duration;
 pub mod cef;
 pub mod receiver;
 pub mod rsyslog;
+pub mod tls;
 
 use opsera_shipper::simulator::{SimOptions, Simulator};
 

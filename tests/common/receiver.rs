@@ -1,7 +1,8 @@
 //! A real HTTP receiver on loopback for webhook tests: records every
 //! request, decodes gzip, checks credentials, parses each encoding, can
 //! refuse a poison record (HEC-style), answer scripted statuses, and be
-//! stopped and restarted on the same port.
+//! stopped and restarted on the same port; over plain HTTP or HTTPS
+//! (optionally requiring a client certificate).
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -58,6 +59,59 @@ pub struct Receiver {
     pub mode: Mode,
     pub state: Arc<Mutex<RecvState>>,
     stop: Arc<Mutex<CancellationToken>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// A TCP listener that completes a TLS handshake before handing a
+/// connection to axum; failed handshakes are dropped.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else { continue };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// A TLS acceptor for `server` (a certificate for localhost/127.0.0.1);
+/// with `client_ca`, client certificates signed by it are required.
+fn acceptor(server: &super::tls::TlsFiles, client_ca: Option<&std::path::Path>) -> tokio_rustls::TlsAcceptor {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let certs = CertificateDer::pem_file_iter(&server.cert).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_file(&server.key).unwrap();
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(certs, key).unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 #[derive(Clone)]
@@ -71,7 +125,19 @@ impl Receiver {
         let state = Arc::new(Mutex::new(RecvState::default()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let r = Receiver { addr, mode, state, stop: Arc::new(Mutex::new(CancellationToken::new())) };
+        let r = Receiver { addr, mode, state, stop: Arc::new(Mutex::new(CancellationToken::new())), tls: None };
+        r.serve(listener);
+        r
+    }
+
+    /// An HTTPS receiver with `server`'s certificate; with `client_ca`, it
+    /// requires a client certificate signed by that CA.
+    pub async fn start_tls(mode: Mode, server: &super::tls::TlsFiles, client_ca: Option<&std::path::Path>) -> Receiver {
+        let state = Arc::new(Mutex::new(RecvState::default()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tls = Some(acceptor(server, client_ca));
+        let r = Receiver { addr, mode, state, stop: Arc::new(Mutex::new(CancellationToken::new())), tls };
         r.serve(listener);
         r
     }
@@ -80,13 +146,21 @@ impl Receiver {
         let app =
             Router::new().route("/ingest", post(handle)).with_state(Ctx { mode: self.mode, state: self.state.clone() });
         let token = self.stop.lock().unwrap().clone();
+        let tls = self.tls.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await;
+            let stopped = token.cancelled_owned();
+            let _ = match tls {
+                Some(acceptor) => {
+                    axum::serve(TlsListener { tcp: listener, acceptor }, app).with_graceful_shutdown(stopped).await
+                }
+                None => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
+            };
         });
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}/ingest", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}/ingest", self.addr)
     }
 
     pub fn st(&self) -> MutexGuard<'_, RecvState> {
