@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use opsera_shipper::simulator::{EndBound, Fault, SimOptions};
+use opsera_shipper::simulator::{EndBound, Fault, SimOptions, SimTls};
 
 const ONE_STREAM: &str = "[streams.token_activity]\nenabled = false\n";
 
@@ -264,4 +264,30 @@ async fn demo_runs_the_real_pipeline() {
     let ids: std::collections::HashSet<String> = lines.iter().map(|l| id_of(l)).collect();
     assert_eq!(ids.len(), lines.len(), "the demo shipped a record twice");
     assert!(d.join("state.db").exists());
+}
+
+/// A tenant's own API over HTTPS with a private CA: without `api.ca_file`
+/// the certificate is refused, with the URL and the reason, and nothing
+/// moves; with it, everything arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_over_https_with_a_private_ca_is_read_with_api_ca_file() {
+    let certs = tempfile::tempdir().unwrap();
+    let (server, _) = common::tls::make_certs(certs.path(), "api");
+    let tls = SimTls { cert_pem: std::fs::read(&server.cert).unwrap(), key_pem: std::fs::read(&server.key).unwrap() };
+    let h = Harness::new(SimOptions { tls: Some(tls), ..opts(300, 20) }).await;
+    assert!(h.sim.base_url().starts_with("https://"));
+    let cfg = h.config("");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("[api]\n", "[api]\nmax_retries = 0\n");
+    std::fs::write(&cfg, &text).unwrap();
+    let c = cfg.to_str().unwrap();
+    let o = h.run(&["once", "--config", c]).await;
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(75), "{err}");
+    assert!(err.contains(&h.sim.base_url()) && err.to_lowercase().contains("certificate"), "{err}");
+    assert!(h.lines().is_empty());
+    let with_ca = text.replace("[api]\n", &format!("[api]\nca_file = {:?}\n", server.ca.display().to_string()));
+    std::fs::write(&cfg, with_ca).unwrap();
+    let o = h.run(&["once", "--config", c]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    h.assert_exactly_once();
 }

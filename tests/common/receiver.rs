@@ -62,56 +62,12 @@ pub struct Receiver {
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-/// A TCP listener that completes a TLS handshake before handing a
-/// connection to axum; failed handshakes are dropped.
-struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.tcp.accept().await else { continue };
-            if let Ok(tls) = self.acceptor.accept(tcp).await {
-                return (tls, addr);
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.tcp.local_addr()
-    }
-}
-
 /// A TLS acceptor for `server` (a certificate for localhost/127.0.0.1);
 /// with `client_ca`, client certificates signed by it are required.
 fn acceptor(server: &super::tls::TlsFiles, client_ca: Option<&std::path::Path>) -> tokio_rustls::TlsAcceptor {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let certs = CertificateDer::pem_file_iter(&server.cert).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
-    let key = PrivateKeyDer::from_pem_file(&server.key).unwrap();
-    let builder =
-        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
-    let builder = match client_ca {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-                roots.add(cert.unwrap()).unwrap();
-            }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let config = builder.with_single_cert(certs, key).unwrap();
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    let read = |p: &std::path::Path| std::fs::read(p).unwrap();
+    let ca = client_ca.map(read);
+    opsera_shipper::simulator::tls_acceptor(&read(&server.cert), &read(&server.key), ca.as_deref()).unwrap()
 }
 
 #[derive(Clone)]
@@ -146,16 +102,7 @@ impl Receiver {
         let app =
             Router::new().route("/ingest", post(handle)).with_state(Ctx { mode: self.mode, state: self.state.clone() });
         let token = self.stop.lock().unwrap().clone();
-        let tls = self.tls.clone();
-        tokio::spawn(async move {
-            let stopped = token.cancelled_owned();
-            let _ = match tls {
-                Some(acceptor) => {
-                    axum::serve(TlsListener { tcp: listener, acceptor }, app).with_graceful_shutdown(stopped).await
-                }
-                None => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
-            };
-        });
+        opsera_shipper::simulator::serve(listener, app, self.tls.clone(), token);
     }
 
     pub fn url(&self) -> String {
