@@ -5,9 +5,8 @@
 //! reads capped at 1000, `count`), newest first, over generated records, and
 //! has knobs for what a real server may do: late records, records arriving
 //! while a client pages, 429 with `Retry-After`, 5xx, slow or malformed
-//! responses, a capped page size, pretty-printed bodies and clock skew; over
-//! HTTP, or HTTPS with a given certificate. It is a test double: it never
-//! touches state outside its own memory.
+//! responses, a capped page size, pretty-printed bodies and clock skew. It
+//! is a test double: it never touches state outside its own memory.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -98,83 +97,6 @@ pub struct SimOptions {
     /// request, the records on either side of each page boundary trade
     /// places, so paging serves one of them twice and skips the other.
     pub unstable_order: bool,
-    /// Serve HTTPS with this certificate instead of HTTP.
-    pub tls: Option<SimTls>,
-}
-
-/// A server certificate chain and its private key, PEM.
-#[derive(Clone)]
-pub struct SimTls {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-}
-
-impl std::fmt::Debug for SimTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SimTls { .. }")
-    }
-}
-
-/// A TLS acceptor for a certificate chain and its key (PEM); with
-/// `client_ca_pem`, it requires client certificates signed by that CA.
-pub fn tls_acceptor(
-    cert_pem: &[u8],
-    key_pem: &[u8],
-    client_ca_pem: Option<&[u8]>,
-) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let certs = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem)?;
-    let builder =
-        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
-    let builder = match client_ca_pem {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(ca) {
-                roots.add(cert?)?;
-            }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(builder.with_single_cert(certs, key)?)))
-}
-
-/// A TCP listener that completes a TLS handshake before handing a
-/// connection to axum; a handshake that fails, or takes over 5 seconds,
-/// drops the connection.
-pub struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl TlsListener {
-    pub fn new(tcp: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> Self {
-        Self { tcp, acceptor }
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.tcp.accept().await else { continue };
-            if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), self.acceptor.accept(tcp)).await {
-                return (tls, addr);
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.tcp.local_addr()
-    }
 }
 
 impl Default for SimOptions {
@@ -194,7 +116,6 @@ impl Default for SimOptions {
             ignore_page: false,
             past_end: PastEnd::Empty,
             unstable_order: false,
-            tls: None,
         }
     }
 }
@@ -246,7 +167,6 @@ pub struct Simulator {
     cancel: CancellationToken,
     token: String,
     app: Router,
-    tls: Option<tokio_rustls::TlsAcceptor>,
     /// Cancels the current listener (see `go_down`).
     listening: Arc<Mutex<CancellationToken>>,
 }
@@ -263,10 +183,6 @@ impl Simulator {
     /// Start serving on `addr`.
     pub async fn start_on(addr: SocketAddr, opts: SimOptions) -> anyhow::Result<Simulator> {
         let token = opts.token.clone();
-        let tls = match &opts.tls {
-            Some(t) => Some(tls_acceptor(&t.cert_pem, &t.key_pem, None)?),
-            None => None,
-        };
         let mut st = SimState {
             rng: opts.seed ^ 0x9E37_79B9_7F4A_7C15,
             counter: 0,
@@ -303,8 +219,8 @@ impl Simulator {
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
         let listening = cancel.child_token();
-        serve(listener, app.clone(), tls.clone(), listening.clone());
-        Ok(Simulator { addr, state, cancel, token, app, tls, listening: Arc::new(Mutex::new(listening)) })
+        serve(listener, app.clone(), listening.clone());
+        Ok(Simulator { addr, state, cancel, token, app, listening: Arc::new(Mutex::new(listening)) })
     }
 
     /// Close the listening socket and every open connection: clients get
@@ -318,7 +234,7 @@ impl Simulator {
         let listener = tokio::net::TcpListener::bind(self.addr).await?;
         let token = self.cancel.child_token();
         *self.listening.lock().unwrap_or_else(|p| p.into_inner()) = token.clone();
-        serve(listener, self.app.clone(), self.tls.clone(), token);
+        serve(listener, self.app.clone(), token);
         Ok(())
     }
 
@@ -329,8 +245,7 @@ impl Simulator {
     }
 
     pub fn base_url(&self) -> String {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}", self.addr)
+        format!("http://{}", self.addr)
     }
 
     pub fn token(&self) -> &str {
@@ -575,22 +490,10 @@ impl SimState {
     }
 }
 
-/// Serve `app` on `listener` (over TLS with `tls`) until `stop`, which closes
-/// the listener and idle connections.
-pub fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    stop: CancellationToken,
-) {
+fn serve(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
     tokio::spawn(async move {
-        let stopped = stop.cancelled_owned();
-        let _ = match tls {
-            Some(acceptor) => {
-                axum::serve(TlsListener::new(listener, acceptor), app).with_graceful_shutdown(stopped).await
-            }
-            None => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
-        };
+        // On `stop` the listener closes and idle connections are closed.
+        let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
     });
 }
 

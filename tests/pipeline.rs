@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use opsera_shipper::simulator::{EndBound, Fault, SimOptions, SimTls};
+use opsera_shipper::simulator::{EndBound, Fault, SimOptions};
 
 const ONE_STREAM: &str = "[streams.token_activity]\nenabled = false\n";
 
@@ -266,24 +266,29 @@ async fn demo_runs_the_real_pipeline() {
     assert!(d.join("state.db").exists());
 }
 
-/// A tenant's own API over HTTPS with a private CA: without `api.ca_file`
+/// A tenant's own API over HTTPS with a private CA (the simulated API behind
+/// a TLS-terminating proxy): without `api.ca_file`
 /// the certificate is refused, with the URL and the reason, and nothing
 /// moves; with it, everything arrives once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_over_https_with_a_private_ca_is_read_with_api_ca_file() {
-    let certs = tempfile::tempdir().unwrap();
-    let (server, _) = common::tls::make_certs(certs.path(), "api");
-    let tls = SimTls { cert_pem: std::fs::read(&server.cert).unwrap(), key_pem: std::fs::read(&server.key).unwrap() };
-    let h = Harness::new(SimOptions { tls: Some(tls), ..opts(300, 20) }).await;
-    assert!(h.sim.base_url().starts_with("https://"));
+    let h = Harness::new(opts(300, 20)).await;
+    let (server, _) = common::tls::make_certs(h.dir.path(), "api");
+    let plain = h.sim.base_url();
+    let proxy = common::tls::tls_proxy(plain.trim_start_matches("http://").parse().unwrap(), &server).await;
+    let url = format!("https://{proxy}");
     let cfg = h.config("");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("[api]\n", "[api]\nmax_retries = 0\n");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&format!("base_url = {plain:?}"), &format!("base_url = {url:?}"))
+        .replace("[api]\n", "[api]\nmax_retries = 0\n");
+    assert!(text.contains(&url), "{text}");
     std::fs::write(&cfg, &text).unwrap();
     let c = cfg.to_str().unwrap();
     let o = h.run(&["once", "--config", c]).await;
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(75), "{err}");
-    assert!(err.contains(&h.sim.base_url()) && err.to_lowercase().contains("certificate"), "{err}");
+    assert!(err.contains(&url) && err.to_lowercase().contains("certificate"), "{err}");
     assert!(h.lines().is_empty());
     let with_ca = text.replace("[api]\n", &format!("[api]\nca_file = {:?}\n", server.ca.display().to_string()));
     std::fs::write(&cfg, with_ca).unwrap();

@@ -62,12 +62,29 @@ pub struct Receiver {
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-/// A TLS acceptor for `server` (a certificate for localhost/127.0.0.1);
-/// with `client_ca`, client certificates signed by it are required.
-fn acceptor(server: &super::tls::TlsFiles, client_ca: Option<&std::path::Path>) -> tokio_rustls::TlsAcceptor {
-    let read = |p: &std::path::Path| std::fs::read(p).unwrap();
-    let ca = client_ca.map(read);
-    opsera_shipper::simulator::tls_acceptor(&read(&server.cert), &read(&server.key), ca.as_deref()).unwrap()
+/// A TCP listener that completes a TLS handshake before handing a
+/// connection to axum; failed handshakes are dropped.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else { continue };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
 }
 
 #[derive(Clone)]
@@ -92,7 +109,7 @@ impl Receiver {
         let state = Arc::new(Mutex::new(RecvState::default()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let tls = Some(acceptor(server, client_ca));
+        let tls = Some(super::tls::acceptor(server, client_ca));
         let r = Receiver { addr, mode, state, stop: Arc::new(Mutex::new(CancellationToken::new())), tls };
         r.serve(listener);
         r
@@ -102,7 +119,16 @@ impl Receiver {
         let app =
             Router::new().route("/ingest", post(handle)).with_state(Ctx { mode: self.mode, state: self.state.clone() });
         let token = self.stop.lock().unwrap().clone();
-        opsera_shipper::simulator::serve(listener, app, self.tls.clone(), token);
+        let tls = self.tls.clone();
+        tokio::spawn(async move {
+            let stopped = token.cancelled_owned();
+            let _ = match tls {
+                Some(acceptor) => {
+                    axum::serve(TlsListener { tcp: listener, acceptor }, app).with_graceful_shutdown(stopped).await
+                }
+                None => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
+            };
+        });
     }
 
     pub fn url(&self) -> String {
