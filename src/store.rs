@@ -1611,6 +1611,21 @@ mod tests {
         Record { id: id.into(), created, body: format!(r#"{{"_id":"{id}","createdAt":"x"}}"#).into() }
     }
 
+    /// Run `sql` on the store's writer connection (test triggers).
+    async fn exec(s: &Store, sql: &'static str) {
+        s.run(move |inner, c| c.execute_batch(sql).map_err(|e| sq(inner, e))).await.unwrap();
+    }
+
+    /// The schema of version 3 in `c`, in a transaction left open.
+    fn schema_3(c: &mut Connection) -> rusqlite::Transaction<'_> {
+        let tx = c.transaction().unwrap();
+        for m in &MIGRATIONS[..3] {
+            tx.execute_batch(m).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 3).unwrap();
+        tx
+    }
+
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
     }
@@ -1637,12 +1652,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("old.db");
         let mut c = Connection::open(&p).unwrap();
-        let tx = c.transaction().unwrap();
-        for m in &MIGRATIONS[..3] {
-            tx.execute_batch(m).unwrap();
-        }
-        tx.pragma_update(None, "user_version", 3).unwrap();
-        tx.commit().unwrap();
+        schema_3(&mut c).commit().unwrap();
         let version = |c: &Connection| c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap();
         let e = Store::open_read(&p).err().expect("a reader refuses an older schema").to_string();
         assert!(e.contains("schema version 3") && e.contains("old.db"), "{e}");
@@ -1674,11 +1684,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let p = dir.path().join("old.db");
             let mut c = Connection::open(&p).unwrap();
-            let tx = c.transaction().unwrap();
-            for m in &MIGRATIONS[..3] {
-                tx.execute_batch(m).unwrap();
-            }
-            tx.pragma_update(None, "user_version", 3).unwrap();
+            let tx = schema_3(&mut c);
             // seqs 1-2 delivered and trimmed; 3-5 user, 6 token, 8 user (7 trimmed by hand: a gap).
             for (seq, stream) in [(1, "u"), (2, "u"), (3, "u"), (4, "u"), (5, "u"), (6, "t"), (7, "u"), (8, "u")] {
                 tx.execute(
@@ -1774,15 +1780,12 @@ mod tests {
             let seg = segments::dir_for(&db).join(format!("{:016}.seg", 1));
             let len = std::fs::metadata(&seg).unwrap().len();
             // The second page's journal row is refused: the whole group must go.
-            s.run(|inner, c| {
-                c.execute_batch(
-                    "CREATE TRIGGER refuse BEFORE INSERT ON journal_pages WHEN NEW.records = 3
-                     BEGIN SELECT RAISE(ABORT, 'refused'); END",
-                )
-                .map_err(|e| sq(inner, e))
-            })
-            .await
-            .unwrap();
+            exec(
+                &s,
+                "CREATE TRIGGER refuse BEFORE INSERT ON journal_pages WHEN NEW.records = 3
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END",
+            )
+            .await;
             let group = || {
                 vec![
                     PageIn { records: vec![rec("b", 2), rec("c", 3)], window: (0, 0) },
@@ -1792,7 +1795,7 @@ mod tests {
             assert!(s.ingest_pages("u", group(), true).await.is_err());
             assert_eq!(std::fs::metadata(&seg).unwrap().len(), len, "the group's bytes are cut");
             assert_eq!(s.backlog().0, 1);
-            s.run(|inner, c| c.execute_batch("DROP TRIGGER refuse").map_err(|e| sq(inner, e))).await.unwrap();
+            exec(&s, "DROP TRIGGER refuse").await;
             // Nothing of it was remembered: it is all new the second time.
             let st = s.ingest_pages("u", group(), true).await.unwrap();
             assert_eq!((st.new, st.duplicate), (5, 0));
@@ -1820,18 +1823,12 @@ mod tests {
             let outcomes = vec![(pending[0].0, None), (pending[1].0, Some(("again".to_string(), Some(422))))];
             let moved = Some(FilePos { dev: 1, ino: 2, offset: 99 });
             // The dead letter's deletion fails: the position must not move either.
-            s.run(|inner, c| {
-                c.execute_batch(
-                    "CREATE TRIGGER refuse BEFORE DELETE ON dead_letters BEGIN SELECT RAISE(ABORT, 'refused'); END",
-                )
-                .map_err(|e| sq(inner, e))
-            })
-            .await
-            .unwrap();
+            exec(&s, "CREATE TRIGGER refuse BEFORE DELETE ON dead_letters BEGIN SELECT RAISE(ABORT, 'refused'); END")
+                .await;
             assert!(s.settle_retries("a", 2, moved, outcomes.clone(), 7).await.is_err());
             assert_eq!(s.sink_cursor("a").await.unwrap().file.map(|f| f.offset), Some(10));
             assert_eq!(s.retry_requests("a", 10).await.unwrap().len(), 2, "both still to retry");
-            s.run(|inner, c| c.execute_batch("DROP TRIGGER refuse").map_err(|e| sq(inner, e))).await.unwrap();
+            exec(&s, "DROP TRIGGER refuse").await;
             s.settle_retries("a", 2, moved, outcomes, 7).await.unwrap();
             let cursor = s.sink_cursor("a").await.unwrap();
             assert_eq!((cursor.delivered_seq, cursor.file), (2, moved));
@@ -1886,19 +1883,12 @@ mod tests {
             assert_eq!(st.unwrap().new, 0);
             indexed().await;
             // A group that fails to commit leaves none of its bytes.
-            s.run(|inner, c| {
-                c.execute_batch(
-                    "CREATE TRIGGER refuse BEFORE INSERT ON journal_pages
-                     BEGIN SELECT RAISE(ABORT, 'refused'); END",
-                )
-                .map_err(|e| sq(inner, e))
-            })
-            .await
-            .unwrap();
+            exec(&s, "CREATE TRIGGER refuse BEFORE INSERT ON journal_pages BEGIN SELECT RAISE(ABORT, 'refused'); END")
+                .await;
             let group = || vec![page(&["s", "t", "u", "v", "w"]), page(&["x", "y", "z", "za", "zb"])];
             assert!(s.ingest_pages("u", group(), true).await.is_err());
             indexed().await;
-            s.run(|inner, c| c.execute_batch("DROP TRIGGER refuse").map_err(|e| sq(inner, e))).await.unwrap();
+            exec(&s, "DROP TRIGGER refuse").await;
             assert_eq!(s.ingest_pages("u", group(), true).await.unwrap().new, 10);
             indexed().await;
             let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
