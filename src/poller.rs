@@ -2,14 +2,15 @@
 //!
 //! Each poll reads one window (v2) or a run of whole UTC days (v1), stores
 //! its pages as they arrive (a v2 window's pages in groups of those that
-//! queued up while the previous group was stored, one transaction a group;
-//! a v1 day in one), and only when the whole window is stored moves the
+//! follow each other closely, one transaction a group; a v1 day in one),
+//! and only when the whole window is stored moves the
 //! watermark. A failed poll leaves the
 //! checkpoint where it was, so the next poll asks for the same span again;
 //! dedup makes that harmless. Polls of one stream never overlap: one task
 //! runs them one after another.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::{StreamConfig, StreamKind};
 use crate::opsera::{ApiError, Client, CountMeaning, Record};
-use crate::store::{PageIn, Store, StoreError};
+use crate::store::{IngestStats, PageIn, Store, StoreError};
 use crate::window::{self, MINUTE, Window, fmt_date, fmt_rfc3339, fmt_time, now_ms};
 
 /// The v1 endpoints return at most this many records a call.
@@ -42,10 +43,11 @@ enum Narrow {
     Unsettled,
 }
 
-/// Pages fetched ahead (queued, or being fetched) while earlier ones are
-/// stored; the storer stores the page it takes and any queued behind it as
-/// one group. Two ahead made a backfill about 15 % faster and held about
-/// 1.6 MB more at its peak, past the bound of 20 % over a small backfill's.
+/// Pages fetched ahead (queued, or being fetched) while an earlier one is
+/// stored. The storer adds each page to a group as it takes it and holds
+/// none of them (see `Store::ingest_stream`), so one ahead keeps it busy in
+/// a backfill; two ahead held about 1.6 MB more at the peak, past the bound
+/// of 20 % over a small backfill's.
 const QUEUED_PAGES: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +134,17 @@ fn warn_out_of_window(records: &[Record], from: i64, to: i64, now: i64) {
             "The API returned records created outside the requested window; they are kept and deduplicated by _id."
         );
     }
+}
+
+/// `n` records of `stream` were stored, with these results: counted, and
+/// the poll's progress noted.
+fn stored(stream: &str, n: u64, st: &IngestStats) {
+    crate::health::Health::get().poll_progress(stream);
+    let m = crate::metrics::get();
+    let label = crate::metrics::stream(stream);
+    m.records_fetched.get_or_create(&label).inc_by(n);
+    m.records_stored.get_or_create(&label).inc_by(st.new);
+    m.records_duplicate.get_or_create(&label).inc_by(st.duplicate);
 }
 
 /// Bounds on the journal; pollers wait while it is over either.
@@ -330,12 +343,16 @@ impl Poller {
             async move { self.client.fetch(s.kind.path(), &q, CountMeaning::Total, cancel).await }
         };
         // Pages go to a storer while the next ones are fetched; the storer
-        // takes whatever has queued up meanwhile as one group (one
+        // stores pages that follow each other closely as one group (one
         // transaction, one fsync of each file), so a backfill pays the
-        // disk's latency a group at a time, not a page at a time.
-        let (queue, pages) = tokio::sync::mpsc::channel::<Vec<Record>>(QUEUED_PAGES);
-        let unstored = AtomicU64::new(0);
-        let storing = self.store_pages(pages, (w.start, w.end + MINUTE), now, &unstored);
+        // disk's latency a group at a time, not a page at a time. A page
+        // takes a place in the queue before it is fetched, and gives it back
+        // when the storer takes it.
+        let places = Arc::new(tokio::sync::Semaphore::new(QUEUED_PAGES));
+        let (queue, pages) = std::sync::mpsc::channel::<(PageIn, tokio::sync::OwnedSemaphorePermit)>();
+        let unstored = Arc::new(AtomicU64::new(0));
+        let window = (w.start, w.end + MINUTE);
+        let storing = self.store_pages(pages, unstored.clone());
         // Page the window. Records shifting between pages (one written while
         // paging, or an order that is not stable between requests) change
         // the server's count or serve a record twice and skip another, so a
@@ -353,13 +370,10 @@ impl Poller {
                 let mut prev_edges: Option<(crate::text::Text, crate::text::Text)> = None;
                 let mut page = 1u32;
                 loop {
-                    self.wait_for_room(unstored.load(Ordering::Relaxed), cancel).await?;
+                    self.wait_for_room(&unstored, cancel).await?;
                     // A place in the queue first: a page is not fetched
                     // only to be held until the storer takes it.
-                    let Ok(slot) = queue.reserve().await else {
-                        // The storer stopped, which only an error does: that error is the one reported.
-                        return Ok((requests, None));
-                    };
+                    let slot = places.clone().acquire_owned().await.expect("the queue's places are never closed");
                     let current = match fetch(page).await {
                         Ok(current) => current,
                         // A server that refuses a page past the end, once
@@ -408,8 +422,12 @@ impl Poller {
                     prev_ids = ids;
                     let last = n == 0 || (n < page_size && count.is_none_or(|c| received >= c));
                     if n > 0 {
+                        warn_out_of_window(&current.records, window.0, window.1, now);
                         unstored.fetch_add(n as u64, Ordering::Relaxed);
-                        slot.send(current.records);
+                        if queue.send((PageIn { records: current.records, window }, slot)).is_err() {
+                            // The storer stopped, which only an error does: that error is the one reported.
+                            return Ok((requests, None));
+                        }
                     }
                     if last {
                         break;
@@ -463,7 +481,7 @@ impl Poller {
         let mut report = PollReport::default();
         let mut max_created: Option<i64> = None;
         for day in window::v1_days(cp, overlap, lookback, now) {
-            self.wait_for_room(0, cancel).await?;
+            self.wait_for_room(&AtomicU64::new(0), cancel).await?;
             let mut q: Vec<(String, String)> = vec![("date".into(), fmt_date(day))];
             if s.kind == StreamKind::UserActivityV1 {
                 q.push(("count".into(), V1_CAP.to_string()));
@@ -483,71 +501,53 @@ impl Poller {
                 self.store.count_truncated_day(&s.name).await?;
                 crate::metrics::get().truncated_days.get_or_create(&crate::metrics::stream(&s.name)).inc();
             }
-            self.ingest(vec![p.records], (day, day + window::DAY), now, false, &mut report, &mut max_created).await?;
+            self.ingest(p.records, (day, day + window::DAY), now, &mut report, &mut max_created).await?;
         }
         report.watermark = self.complete(max_created, window::floor_to(now, MINUTE) - MINUTE, now).await?;
         Ok(report.done(&s.name))
     }
 
-    /// Store the pages sent on `pages`, which answered a query for
-    /// `window`, a group at a time; what was stored, and the newest
-    /// `createdAt`.
+    /// Store the pages sent on `pages` (see `Store::ingest_stream`); what
+    /// was stored, and the newest `createdAt`. `unstored` counts the
+    /// records sent and not yet stored.
     async fn store_pages(
         &self,
-        mut pages: tokio::sync::mpsc::Receiver<Vec<Record>>,
-        window: (i64, i64),
-        now: i64,
-        unstored: &AtomicU64,
+        pages: std::sync::mpsc::Receiver<(PageIn, tokio::sync::OwnedSemaphorePermit)>,
+        unstored: Arc<AtomicU64>,
     ) -> Result<(PollReport, Option<i64>), PollError> {
-        let (mut report, mut max_created) = (PollReport::default(), None);
-        // The first group holds the overlap with the last poll; after a group
-        // with no duplicate, the next is likely all new too.
-        let mut likely_new = false;
-        while let Some(first) = pages.recv().await {
-            let mut group = vec![first];
-            while let Ok(page) = pages.try_recv() {
-                group.push(page);
-            }
-            let n: usize = group.iter().map(Vec::len).sum();
-            let duplicates = report.duplicate;
-            self.ingest(group, window, now, likely_new, &mut report, &mut max_created).await?;
-            likely_new = report.duplicate == duplicates;
-            unstored.fetch_sub(n as u64, Ordering::Relaxed);
-        }
-        Ok((report, max_created))
+        let name = self.stream.name.clone();
+        let st = self
+            .store
+            .ingest_stream(&self.stream.name, pages, move |n, st| {
+                unstored.fetch_sub(n, Ordering::Relaxed);
+                stored(&name, n, st);
+            })
+            .await?;
+        let report =
+            PollReport { fetched: st.new + st.duplicate, new: st.new, duplicate: st.duplicate, ..Default::default() };
+        Ok((report, st.max_created))
     }
 
-    /// Store pages that answered a query for `[from, to)`, in one transaction.
+    /// Store one page that answered a query for `[from, to)`.
     async fn ingest(
         &self,
-        pages: Vec<Vec<Record>>,
+        records: Vec<Record>,
         (from, to): (i64, i64),
         now: i64,
-        likely_new: bool,
         report: &mut PollReport,
         max: &mut Option<i64>,
     ) -> Result<(), PollError> {
-        let n: usize = pages.iter().map(Vec::len).sum();
-        report.fetched += n as u64;
+        let n = records.len() as u64;
+        report.fetched += n;
         if n == 0 {
             return Ok(());
         }
-        for records in &pages {
-            warn_out_of_window(records, from, to, now);
-        }
-        let pages = pages.into_iter().map(|records| PageIn { records, window: (from, to) }).collect();
-        let st = self.store.ingest_pages(&self.stream.name, pages, likely_new).await?;
-        crate::health::Health::get().poll_progress(&self.stream.name);
-        let m = crate::metrics::get();
-        let label = crate::metrics::stream(&self.stream.name);
-        m.records_fetched.get_or_create(&label).inc_by(n as u64);
-        m.records_stored.get_or_create(&label).inc_by(st.new);
-        m.records_duplicate.get_or_create(&label).inc_by(st.duplicate);
+        warn_out_of_window(&records, from, to, now);
+        let st = self.store.ingest(&self.stream.name, records, (from, to)).await?;
+        stored(&self.stream.name, n, &st);
         report.new += st.new;
         report.duplicate += st.duplicate;
-        if let Some(m) = st.max_created {
-            *max = Some(max.map_or(m, |x| x.max(m)));
-        }
+        *max = (*max).max(st.max_created);
         Ok(())
     }
 
@@ -571,13 +571,18 @@ impl Poller {
     }
 
     /// Wait while the journal, plus `pending` records fetched but not yet
-    /// stored, is over its bounds (sinks are behind).
-    async fn wait_for_room(&self, pending: u64, cancel: &CancellationToken) -> Result<(), PollError> {
+    /// stored (queued, or in a group not committed yet), is over its bounds
+    /// (sinks are behind). With nothing in the journal or pending, a page
+    /// may always come in, however large.
+    async fn wait_for_room(&self, pending: &AtomicU64, cancel: &CancellationToken) -> Result<(), PollError> {
         let mut warned = false;
         loop {
+            // Waking when the journal grows, too: a group committed turns pending records into journaled ones.
+            let grew = self.store.journal_grew();
+            let pending = pending.load(Ordering::Relaxed);
             let (records, bytes) = self.store.backlog();
             let max = self.limits.max_records;
-            let fits = records == 0 || if pending == 0 { records < max } else { records + pending <= max };
+            let fits = records + pending == 0 || if pending == 0 { records < max } else { records + pending <= max };
             if fits && bytes < self.limits.max_bytes {
                 return Ok(());
             }
@@ -586,6 +591,7 @@ impl Poller {
                     stream = %self.stream.name,
                     records,
                     bytes,
+                    pending,
                     "Journal is full (state.max_buffered_records / max_buffered_bytes); polling waits for the sinks to catch up."
                 );
                 warned = true;
@@ -593,6 +599,7 @@ impl Poller {
             tokio::select! {
                 _ = cancel.cancelled() => return Err(PollError::Cancelled),
                 _ = self.store.journal_shrank() => {}
+                _ = grew => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }

@@ -24,8 +24,9 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -185,6 +186,14 @@ pub struct IngestStats {
     pub max_created: Option<i64>,
 }
 
+impl IngestStats {
+    fn add(&mut self, other: &IngestStats) {
+        self.new += other.new;
+        self.duplicate += other.duplicate;
+        self.max_created = self.max_created.max(other.max_created);
+    }
+}
+
 /// A batch read for one sink.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -259,7 +268,11 @@ pub struct Status {
 
 struct Inner {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    /// The writer connection. Fair when a group of pages lets it go: a
+    /// waiting cursor commit goes next (see `Store::ingest_stream`).
+    conn: parking_lot::Mutex<Connection>,
+    /// Tasks waiting for `conn` (a group open that long commits early).
+    waiting: AtomicUsize,
     /// A second, read-only connection for the sinks' reads, so that a sink
     /// reading the journal does not wait while a page group is synced and
     /// committed on `conn` (WAL lets readers run beside the writer).
@@ -279,6 +292,16 @@ struct Inner {
     grew: tokio::sync::Notify,
     /// Woken when the journal shrinks.
     shrank: tokio::sync::Notify,
+}
+
+impl Inner {
+    /// The writer connection, once it is free; counted in `waiting` meanwhile.
+    fn writer(&self) -> parking_lot::MutexGuard<'_, Connection> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let conn = self.conn.lock();
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        conn
+    }
 }
 
 /// An exclusive lock on a state database, held for the life of the
@@ -424,7 +447,8 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
-                conn: Mutex::new(conn),
+                conn: parking_lot::Mutex::new(conn),
+                waiting: AtomicUsize::new(0),
                 reader,
                 segments: Mutex::new(segments),
                 segments_dir: segments::dir_for(path),
@@ -461,7 +485,7 @@ impl Store {
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = lock(&inner.conn);
+            let mut conn = inner.writer();
             f(&inner, &mut conn)
         })
         .await
@@ -540,98 +564,104 @@ impl Store {
         records: Vec<Record>,
         window: (i64, i64),
     ) -> Result<IngestStats, StoreError> {
-        self.ingest_pages(stream, vec![PageIn { records, window }], true).await
+        self.ingest_pages(stream, vec![PageIn { records, window }]).await
     }
 
-    /// Store pages of one stream in one transaction: their new records are
-    /// appended to the segment and synced once, then their ids and journal
-    /// rows (one per page) commit together, so a group of pages costs two
-    /// fsyncs, not two a page. `window` is the `(from, to)` a page answers.
-    /// The id of a record created before `from` (a server that ignores its
-    /// bounds) is remembered as if created at `to`, and again each time it
-    /// is served, so pruning cannot forget it while the server still
-    /// returns it, and it is never delivered twice. `likely_new` says the
-    /// group is likely all new (the group before it in the same poll was):
-    /// only then is a large group's journal written while its ids go in
-    /// (see `SPECULATE_RECORDS`).
-    pub async fn ingest_pages(
-        &self,
-        stream: &str,
-        pages: Vec<PageIn>,
-        likely_new: bool,
-    ) -> Result<IngestStats, StoreError> {
+    /// Store pages of one stream in one transaction (see [`Group`]): a
+    /// group of pages costs two fsyncs, not two a page. `window` is the
+    /// `(from, to)` a page answers. The id of a record created before
+    /// `from` (a server that ignores its bounds) is remembered as if
+    /// created at `to`, and again each time it is served, so pruning cannot
+    /// forget it while the server still returns it, and it is never
+    /// delivered twice.
+    pub async fn ingest_pages(&self, stream: &str, pages: Vec<PageIn>) -> Result<IngestStats, StoreError> {
         let stream = stream.to_string();
         let stats = self
             .run(move |inner, conn| {
-                let max_created = pages.iter().flat_map(|p| &p.records).map(|r| r.created).max();
-                let mut stats = IngestStats { max_created, ..IngestStats::default() };
-                let tx = conn.transaction().map_err(|e| sq(inner, e))?;
-                let mut guard = lock(&inner.segments);
-                let segs = guard.as_mut().ok_or_else(|| read_only(inner))?;
-                let idle = inner.journal_records.load(Ordering::Relaxed) == 0;
-                let records: usize = pages.iter().map(|p| p.records.len()).sum();
-                let failed = |message| StoreError::Other { path: inner.path.display().to_string(), message };
-                // A large group is most likely all new (a backfill): its frames
-                // are written and synced on a second thread while the ids go
-                // into `seen` on this one. Should any id turn out to be a
-                // duplicate, those bytes are cut and only the new records are
-                // written, as for a small group.
-                let (fresh, speculative) = std::thread::scope(|scope| {
-                    // A thread that cannot be started (a limit on threads) leaves the group to the path below.
-                    let speculative = (likely_new && records >= SPECULATE_RECORDS).then(|| {
-                        let (segs, pages, stream) = (&mut *segs, &pages, &stream);
-                        std::thread::Builder::new().name("journal-writer".into()).spawn_scoped(scope, move || {
-                            let mut w = write_pages(segs, idle, stream, pages.iter().map(|p| p.records.iter()))?;
-                            w.sync().map(|()| w)
-                        })
-                    });
-                    let speculative = speculative.and_then(Result::ok);
-                    let fresh = remember_group(&tx, &stream, &pages, &mut stats);
-                    (fresh, speculative.map(|t| t.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))))
-                });
-                let (fresh, speculative) = match (fresh, speculative) {
-                    (Err(e), written) => {
-                        if let Some(Ok(mut w)) = written {
-                            w.rollback();
-                        }
-                        return Err(sq(inner, e));
-                    }
-                    (Ok(_), Some(Err(message))) => return Err(failed(message)),
-                    (Ok(fresh), written) => (fresh, written.and_then(Result::ok)),
-                };
-                let mut writer = match speculative {
-                    Some(w) if stats.duplicate == 0 => w,
-                    spoiled => {
-                        if let Some(mut w) = spoiled {
-                            w.rollback();
-                        }
-                        if stats.new == 0 {
-                            tx.commit().map_err(|e| sq(inner, e))?;
-                            return Ok(stats);
-                        }
-                        let kept = pages
-                            .iter()
-                            .zip(&fresh)
-                            .map(|(page, fresh)| page.records.iter().zip(fresh).filter(|(_, n)| **n).map(|(r, _)| r));
-                        let mut w = write_pages(segs, idle, &stream, kept).map_err(failed)?;
-                        w.sync().map_err(failed)?;
-                        w
-                    }
-                };
-                writer.index(&inner.path, &tx)?;
-                if let Err(e) = tx.commit() {
-                    writer.rollback();
-                    return Err(sq(inner, e));
+                let mut segs = lock(&inner.segments);
+                let mut group = Group::open(inner, conn, &mut segs, &stream)?;
+                for page in &pages {
+                    group.add(page)?;
                 }
-                inner.journal_records.fetch_add(stats.new, Ordering::Relaxed);
-                inner.journal_bytes.fetch_add(writer.body_bytes() as u64, Ordering::Relaxed);
-                Ok(stats)
+                group.commit()
             })
             .await?;
         if stats.new > 0 {
             self.inner.grew.notify_waiters();
         }
         Ok(stats)
+    }
+
+    /// Store the pages that arrive on `pages` until the sender hangs up, as
+    /// `ingest_pages` does, a group at a time. Each page comes with its
+    /// place in the sender's queue (`S`), given back as soon as the page is
+    /// taken. A group takes pages as long as the next one arrives within
+    /// `GROUP_WAIT`, up to `GROUP_TIME` and `GROUP_BYTES`, then commits; it
+    /// holds only the page being stored, so a backfill's groups grow without
+    /// its memory growing. `stored` is told of each group once committed
+    /// (its records, and what storing them did); the sum is returned.
+    pub async fn ingest_stream<S: Send + 'static>(
+        &self,
+        stream: &str,
+        pages: std::sync::mpsc::Receiver<(PageIn, S)>,
+        mut stored: impl FnMut(u64, &IngestStats) + Send + 'static,
+    ) -> Result<IngestStats, StoreError> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let (stream, inner) = (stream.to_string(), self.inner.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut total = IngestStats::default();
+            // Only a group holds the writer connection, not the wait for its first page.
+            while let Ok((first, slot)) = pages.recv() {
+                drop(slot);
+                let (mut conn, mut segs) = (inner.writer(), lock(&inner.segments));
+                let started = Instant::now();
+                let mut group = Group::open(&inner, &mut conn, &mut segs, &stream)?;
+                let mut records = group.add(&first)?;
+                drop(first);
+                let mut open = true;
+                while open && group.written() < GROUP_BYTES {
+                    let age = started.elapsed();
+                    if age >= GROUP_TIME || (age >= GROUP_SHARE && inner.waiting.load(Ordering::Relaxed) > 0) {
+                        break;
+                    }
+                    match pages.recv_timeout(GROUP_WAIT) {
+                        Ok((page, slot)) => {
+                            drop(slot);
+                            records += group.add(&page)?;
+                        }
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => open = false,
+                    }
+                }
+                let pages_in = group.pages;
+                let stats = group.commit()?;
+                drop(segs);
+                // Whoever waits for the connection goes before the next group.
+                parking_lot::MutexGuard::unlock_fair(conn);
+                if stats.new > 0 {
+                    inner.grew.notify_waiters();
+                }
+                tracing::debug!(
+                    stream = %stream,
+                    pages = pages_in,
+                    records,
+                    new = stats.new,
+                    held_ms = started.elapsed().as_millis() as u64,
+                    "Stored a group of pages."
+                );
+                stored(records, &stats);
+                total.add(&stats);
+                if !open {
+                    break;
+                }
+            }
+            Ok(total)
+        })
+        .await
+        .map_err(|e| StoreError::Other {
+            path: self.inner.path.display().to_string(),
+            message: format!("store task failed: {e}"),
+        })?
     }
 
     /// A window is fully stored: move the watermark to the newest
@@ -1454,48 +1484,116 @@ fn refuse_newer(version: i64, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Groups of at least this many records that are likely all new (a
-/// backfill's, past its first group) have their frames written while their
-/// ids go into `seen` (see `Store::ingest_pages`). Other groups, such as the
-/// first of a poll, which holds the overlap with the last one, are written
-/// after, and only their new records.
-const SPECULATE_RECORDS: usize = if cfg!(test) { 8 } else { 500 };
+/// How long a group waits for its next page before it commits without it.
+/// A backfill's pages follow each other faster than this, so its groups
+/// grow; a slow server's pages commit one at a time, each this much later.
+/// Long in unit tests, so that pages sent together are one group.
+const GROUP_WAIT: Duration = Duration::from_millis(if cfg!(test) { 300 } else { 10 });
+/// A group commits after this long at most: while it is open it holds the
+/// writer connection, which the sinks' cursor commits wait for.
+const GROUP_TIME: Duration = Duration::from_millis(if cfg!(test) { 60_000 } else { 50 });
+/// Or after this long, if someone is waiting for the connection.
+const GROUP_SHARE: Duration = Duration::from_millis(if cfg!(test) { 0 } else { 5 });
+/// Or once it has written this much to the segment (a segment is only
+/// closed between groups).
+const GROUP_BYTES: usize = 16 << 20;
 
-/// Write `pages` (each one's records, in order; empty ones are dropped) to
-/// the current segment, not synced yet; on error nothing of them is left.
-fn write_pages<'a, 'r, P, R>(
-    segs: &'a mut Segments,
-    idle: bool,
-    stream: &str,
-    pages: P,
-) -> Result<PageWriter<'a>, String>
-where
-    P: Iterator<Item = R>,
-    R: Iterator<Item = &'r Record>,
-{
-    let mut writer = PageWriter::new(segs, idle);
-    for mut records in pages {
-        writer.start_page(stream, None);
-        let written = records.try_for_each(|r| writer.push(&r.id, r.created, &r.body));
-        if let Err(message) = written.and_then(|()| writer.end_page()) {
-            writer.rollback();
-            return Err(message);
-        }
-    }
-    Ok(writer)
+/// Pages of one stream being stored in one transaction. As a page is
+/// added, its ids go into `seen` and the frames of its new records are
+/// written to the segment (not synced), so a group holds none of its pages
+/// in memory. `commit` syncs the segment once, then indexes the pages and
+/// commits, so the bytes are durable before any row refers to them. A
+/// group dropped uncommitted leaves nothing: its transaction rolls back and
+/// its bytes are cut.
+struct Group<'a> {
+    inner: &'a Inner,
+    /// `None` once committed.
+    tx: Option<rusqlite::Transaction<'a>>,
+    writer: PageWriter<'a>,
+    stream: String,
+    sid: i64,
+    stats: IngestStats,
+    /// Pages added.
+    pages: usize,
 }
 
-/// Put a group's ids into `seen` (see `remember_ids`); per page, which records were new.
-fn remember_group(
-    tx: &rusqlite::Transaction,
-    stream: &str,
-    pages: &[PageIn],
-    stats: &mut IngestStats,
-) -> rusqlite::Result<Vec<Vec<bool>>> {
-    tx.prepare_cached("INSERT OR IGNORE INTO stream_keys(name) VALUES (?1)")?.execute([stream])?;
-    let sid: i64 =
-        tx.prepare_cached("SELECT sid FROM stream_keys WHERE name = ?1")?.query_row([stream], |r| r.get(0))?;
-    pages.iter().map(|page| remember_ids(tx, sid, page, stats)).collect()
+impl<'a> Group<'a> {
+    fn open(
+        inner: &'a Inner,
+        conn: &'a mut Connection,
+        segs: &'a mut Option<Segments>,
+        stream: &str,
+    ) -> Result<Self, StoreError> {
+        let segs = segs.as_mut().ok_or_else(|| read_only(inner))?;
+        let idle = inner.journal_records.load(Ordering::Relaxed) == 0;
+        let tx = conn.transaction().map_err(|e| sq(inner, e))?;
+        let sid = (|| {
+            tx.prepare_cached("INSERT OR IGNORE INTO stream_keys(name) VALUES (?1)")?.execute([stream])?;
+            tx.prepare_cached("SELECT sid FROM stream_keys WHERE name = ?1")?.query_row([stream], |r| r.get(0))
+        })()
+        .map_err(|e| sq(inner, e))?;
+        let writer = PageWriter::new(segs, idle);
+        Ok(Group {
+            inner,
+            tx: Some(tx),
+            writer,
+            stream: stream.to_string(),
+            sid,
+            stats: IngestStats::default(),
+            pages: 0,
+        })
+    }
+
+    /// Remember a page's ids and write its new records; its record count.
+    fn add(&mut self, page: &PageIn) -> Result<u64, StoreError> {
+        let tx = self.tx.as_ref().expect("an open group has its transaction");
+        let fresh = remember_ids(tx, self.sid, page, &mut self.stats).map_err(|e| sq(self.inner, e))?;
+        self.pages += 1;
+        let max = page.records.iter().map(|r| r.created).max();
+        self.stats.max_created = self.stats.max_created.max(max);
+        if fresh.contains(&true) {
+            let w = &mut self.writer;
+            w.start_page(&self.stream, None);
+            let kept = page.records.iter().zip(&fresh).filter(|(_, new)| **new);
+            kept.map(|(r, _)| r)
+                .try_for_each(|r| w.push(&r.id, r.created, &r.body))
+                .and_then(|()| w.end_page())
+                .map_err(|message| StoreError::Other { path: self.inner.path.display().to_string(), message })?;
+        }
+        Ok(page.records.len() as u64)
+    }
+
+    /// Bytes written to the segment so far.
+    fn written(&self) -> usize {
+        self.writer.pages.iter().map(|p| p.len).sum()
+    }
+
+    /// Make the group durable: sync the segment, index the pages, commit.
+    fn commit(mut self) -> Result<IngestStats, StoreError> {
+        let inner = self.inner;
+        let tx = self.tx.take().expect("a group commits once");
+        if !self.writer.pages.is_empty() {
+            self.writer
+                .sync()
+                .map_err(|message| StoreError::Other { path: inner.path.display().to_string(), message })?;
+            self.writer.index(&inner.path, &tx)?;
+        }
+        if let Err(e) = tx.commit() {
+            self.writer.rollback();
+            return Err(sq(inner, e));
+        }
+        inner.journal_records.fetch_add(self.stats.new, Ordering::Relaxed);
+        inner.journal_bytes.fetch_add(self.writer.body_bytes() as u64, Ordering::Relaxed);
+        Ok(self.stats)
+    }
+}
+
+impl Drop for Group<'_> {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            self.writer.rollback();
+        }
+    }
 }
 
 /// Ids go into `seen` this many at a time when all of them are new (the
@@ -1792,12 +1890,12 @@ mod tests {
                     PageIn { records: vec![rec("d", 4), rec("e", 5), rec("f", 6)], window: (0, 0) },
                 ]
             };
-            assert!(s.ingest_pages("u", group(), true).await.is_err());
+            assert!(s.ingest_pages("u", group()).await.is_err());
             assert_eq!(std::fs::metadata(&seg).unwrap().len(), len, "the group's bytes are cut");
             assert_eq!(s.backlog().0, 1);
             exec(&s, "DROP TRIGGER refuse").await;
             // Nothing of it was remembered: it is all new the second time.
-            let st = s.ingest_pages("u", group(), true).await.unwrap();
+            let st = s.ingest_pages("u", group()).await.unwrap();
             assert_eq!((st.new, st.duplicate), (5, 0));
             let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
             let ids: Vec<String> = b.rows.iter().map(|r| r.id.to_string()).collect();
@@ -1842,8 +1940,42 @@ mod tests {
         });
     }
 
+    /// Stream `groups` into `s` (stream "u"), each group's pages sent
+    /// together and the next group's only once it committed; what
+    /// `ingest_stream` returned, and what it said of each group.
+    async fn stream_groups(
+        s: &Store,
+        groups: Vec<Vec<PageIn>>,
+    ) -> (Result<IngestStats, StoreError>, Vec<(u64, IngestStats)>) {
+        let (pages, taken) = std::sync::mpsc::channel();
+        let (committed, wait) = std::sync::mpsc::channel();
+        let feeder = std::thread::spawn(move || {
+            for group in groups {
+                for page in group {
+                    if pages.send((page, ())).is_err() {
+                        return;
+                    }
+                }
+                if wait.recv().is_err() {
+                    return;
+                }
+            }
+        });
+        let said = Arc::new(Mutex::new(Vec::new()));
+        let tell = said.clone();
+        let result = s
+            .ingest_stream("u", taken, move |n, st| {
+                lock(&tell).push((n, *st));
+                let _ = committed.send(());
+            })
+            .await;
+        feeder.join().unwrap();
+        let said = lock(&said).clone();
+        (result, said)
+    }
+
     #[test]
-    fn large_groups_are_written_while_their_ids_go_in_and_cut_when_not_all_new() {
+    fn streamed_groups_write_only_new_records_and_a_failed_group_leaves_nothing() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let db = dir.path().join("s.db");
@@ -1866,35 +1998,78 @@ mod tests {
                 records: ids.iter().enumerate().map(|(i, id)| rec(id, i as i64)).collect(),
                 window: (0, 0),
             };
-            const { assert!(SPECULATE_RECORDS <= 10) };
-            // All new: written while the ids went in.
-            let st = s
-                .ingest_pages("u", vec![page(&["a", "b", "c", "d", "e"]), page(&["f", "g", "h", "i", "j"])], true)
+            let stats = |new, duplicate, max| IngestStats { new, duplicate, max_created: Some(max) };
+            let (result, said) = stream_groups(
+                &s,
+                vec![
+                    // All new.
+                    vec![page(&["a", "b", "c", "d", "e"]), page(&["f", "g", "h", "i", "j"])],
+                    // One seen before, one twice in the group: only the new ones are kept.
+                    vec![page(&["k", "l", "c", "m", "n"]), page(&["o", "p", "k", "q", "r"]), page(&["s"])],
+                    // Nothing new: nothing written.
+                    vec![page(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"])],
+                ],
+            )
+            .await;
+            assert_eq!(result.unwrap(), stats(19, 12, 9));
+            assert_eq!(said, [(10, stats(10, 0, 4)), (11, stats(9, 2, 4)), (10, stats(0, 10, 9))]);
+            indexed().await;
+            assert_eq!(s.backlog().0, 19);
+            // A group that fails to commit leaves none of its bytes, and
+            // nothing of it is remembered; the groups before it stay.
+            exec(&s, "CREATE TRIGGER refuse BEFORE INSERT ON journal_pages WHEN NEW.records = 1 BEGIN SELECT RAISE(ABORT, 'refused'); END")
                 .await;
-            assert_eq!(st.unwrap().new, 10);
-            indexed().await;
-            // One seen before, one twice in the group: only the new ones are kept.
-            let group = vec![page(&["k", "l", "c", "m", "n"]), page(&["o", "p", "k", "q", "r"])];
-            let st = s.ingest_pages("u", group, true).await.unwrap();
-            assert_eq!((st.new, st.duplicate), (8, 2));
-            indexed().await;
-            // Nothing new: nothing written.
-            let st = s.ingest_pages("u", vec![page(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"])], true).await;
-            assert_eq!(st.unwrap().new, 0);
-            indexed().await;
-            // A group that fails to commit leaves none of its bytes.
-            exec(&s, "CREATE TRIGGER refuse BEFORE INSERT ON journal_pages BEGIN SELECT RAISE(ABORT, 'refused'); END")
-                .await;
-            let group = || vec![page(&["s", "t", "u", "v", "w"]), page(&["x", "y", "z", "za", "zb"])];
-            assert!(s.ingest_pages("u", group(), true).await.is_err());
+            let groups = || vec![vec![page(&["t", "u"])], vec![page(&["v", "w"]), page(&["x"])]];
+            let (result, said) = stream_groups(&s, groups()).await;
+            assert!(result.is_err());
+            assert_eq!(said, [(2, stats(2, 0, 1))]);
             indexed().await;
             exec(&s, "DROP TRIGGER refuse").await;
-            assert_eq!(s.ingest_pages("u", group(), true).await.unwrap().new, 10);
+            let (result, said) = stream_groups(&s, groups()).await;
+            assert_eq!(result.unwrap(), stats(3, 2, 1));
+            assert_eq!(said, [(2, stats(0, 2, 1)), (3, stats(3, 0, 1))]);
             indexed().await;
             let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
             let ids: Vec<String> = b.rows.iter().map(|r| r.id.to_string()).collect();
-            let want = "a b c d e f g h i j k l m n o p q r s t u v w x y z za zb";
+            let want = "a b c d e f g h i j k l m n o p q r s t u v w x";
             assert_eq!(ids, want.split(' ').collect::<Vec<_>>());
+        });
+    }
+
+    #[test]
+    fn a_cursor_commit_is_not_held_up_by_a_stream_of_pages() {
+        rt().block_on(async {
+            use std::sync::atomic::AtomicBool;
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(&dir.path().join("s.db")).unwrap();
+            s.register_sinks(vec!["a".into()]).await.unwrap();
+            s.ingest("u", vec![rec("first", 1)], (0, 0)).await.unwrap();
+            // Pages follow each other well within `GROUP_WAIT`, for up to
+            // 10 s: one group, open all that time, unless a waiter cuts it.
+            let (pages, taken) = std::sync::mpsc::channel();
+            let (stop, fed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+            let (stop2, fed2) = (stop.clone(), fed.clone());
+            let feeder = std::thread::spawn(move || {
+                for i in 0..5000 {
+                    if stop2.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let page = PageIn { records: vec![rec(&format!("r{i}"), i)], window: (0, 0) };
+                    if pages.send((page, ())).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                fed2.store(true, Ordering::Relaxed);
+            });
+            let store = s.clone();
+            let storing = tokio::spawn(async move { store.ingest_stream("u", taken, |_, _| {}).await });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.commit_cursor("a", 1, None, 0).await.unwrap();
+            assert!(!fed.load(Ordering::Relaxed), "the commit waited for the pages to stop");
+            stop.store(true, Ordering::Relaxed);
+            feeder.join().unwrap();
+            assert!(storing.await.unwrap().unwrap().new > 0);
         });
     }
 
@@ -1913,7 +2088,7 @@ mod tests {
             assert!(pages[0].records.iter().map(|r| r.body.len()).sum::<usize>() > 2 * WRITE_CHUNK);
             let want: Vec<(String, String)> =
                 pages.iter().flat_map(|p| &p.records).map(|r| (r.id.to_string(), r.body.to_string())).collect();
-            assert_eq!(s.ingest_pages("u", pages, true).await.unwrap().new, 900);
+            assert_eq!(s.ingest_pages("u", pages).await.unwrap().new, 900);
             let b = s.read_batch(0, Arc::from(vec!["u".to_string()]), 10_000, usize::MAX, 1).await.unwrap();
             let got: Vec<(String, String)> = b.rows.iter().map(|r| (r.id.to_string(), r.body.to_string())).collect();
             assert!(got == want, "every record comes back whole and in order");
@@ -1930,7 +2105,7 @@ mod tests {
             let (held, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
             let inner = s.inner.clone();
             let holder = std::thread::spawn(move || {
-                let _writer = lock(&inner.conn);
+                let _writer = inner.conn.lock();
                 held.0.send(()).unwrap();
                 let _ = release.1.recv();
             });
@@ -2005,7 +2180,7 @@ mod tests {
                 let mut model = BTreeSet::new();
                 let mut order = Vec::new();
                 let mut journal_pages = 0;
-                for (g, group) in groups.iter().enumerate() {
+                for group in &groups {
                     let pages = group
                         .iter()
                         .map(|page| PageIn {
@@ -2013,8 +2188,7 @@ mod tests {
                             window: (0, 0),
                         })
                         .collect();
-                    // Every other group as if likely all new: both ways of writing it.
-                    let stats = s.ingest_pages("u", pages, g % 2 == 0).await.unwrap();
+                    let stats = s.ingest_pages("u", pages).await.unwrap();
                     let mut new = 0;
                     for page in group {
                         let before = new;
