@@ -367,7 +367,8 @@ impl Poller {
                 let (mut received, mut unique) = (0u64, 0u64);
                 let mut prev_ids: HashSet<u64> = HashSet::new();
                 let (mut first_count, mut count, mut count_moved) = (None::<u64>, None::<u64>, false);
-                let mut prev_edges: Option<(crate::text::Text, crate::text::Text)> = None;
+                // Copies, not slices: a slice would keep its whole page's body alive.
+                let mut prev_edges: Option<(String, String)> = None;
                 let mut page = 1u32;
                 loop {
                     self.wait_for_room(&unstored, cancel).await?;
@@ -396,7 +397,7 @@ impl Poller {
                     }
                     received += n as u64;
                     let edges = match (current.records.first(), current.records.last()) {
-                        (Some(a), Some(b)) => Some((a.id.clone(), b.id.clone())),
+                        (Some(a), Some(b)) => Some((a.id.to_string(), b.id.to_string())),
                         _ => None,
                     };
                     if edges.is_some() && edges == prev_edges {

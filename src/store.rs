@@ -1310,14 +1310,18 @@ impl<'a> PageWriter<'a> {
     }
 
     /// Add a record to the page started last; frames go out (not synced
-    /// yet) in pieces of about `WRITE_CHUNK`, so a page is never held twice.
+    /// yet) in pieces of at most `WRITE_CHUNK` (or one frame, if larger),
+    /// so a page is never held twice and the buffer never grows past it.
     fn push(&mut self, id: &str, created: i64, body: &str) -> Result<(), String> {
+        if !self.buf.is_empty() && self.buf.len() + segments::frame_len(id, body) > WRITE_CHUNK {
+            self.flush()?;
+        }
         segments::encode(&mut self.buf, id, created, body);
         let page = self.pages.last_mut().expect("a page is started before records are pushed");
         page.min_created = if page.records == 0 { created } else { page.min_created.min(created) };
         page.records += 1;
         page.body_bytes += body.len() as i64;
-        if self.buf.len() >= WRITE_CHUNK { self.flush() } else { Ok(()) }
+        Ok(())
     }
 
     /// Write what is buffered of the page started last. Only a group's first
