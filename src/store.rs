@@ -15,9 +15,11 @@
 //!   the file's committed length and identity).
 //! - `dead_letters`: records a sink refused permanently, with the reason.
 //!
-//! Ingesting a page is one transaction (seen + journal page), after its
-//! bodies are written and fsynced to the current segment, so a crash keeps
-//! all of a page or none of it. The watermark only moves in a later
+//! Ingesting a group of pages is one transaction (seen + a journal row per
+//! page), committed after their bodies are written and fsynced to the
+//! current segment, so a crash keeps all of a group or none of it (see
+//! `Group`; a poll's pages form groups as they arrive, `Store::ingest_stream`).
+//! The watermark only moves in a later
 //! transaction, after the whole window is stored. This module must never be
 //! called on an async worker thread: every public async method runs its
 //! SQLite work on the blocking pool.
