@@ -38,11 +38,27 @@ async fn a_second_instance_refuses_to_start_and_status_still_works() {
 async fn kill_9_at_random_points_loses_nothing_and_duplicates_nothing() {
     // A slow API stretches the backfill over several seconds, so kills land
     // while paging, between ingest and watermark, and while writing batches.
-    let h = Harness::new(SimOptions { latency: Duration::from_millis(15), ..opts(30_000, 3_000) }).await;
+    // Its pages come further apart than the storer waits for a next one, so
+    // each page is a group of its own.
+    kill_9_loop(Duration::from_millis(15), 0x5eed_1234_abcd_ef01).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_pages_are_stored_in_groups_loses_nothing_and_duplicates_nothing() {
+    // A fast API: pages follow each other within the storer's wait, so they
+    // are stored in groups of several, and kills land inside open groups.
+    kill_9_loop(Duration::from_millis(2), 0x0dd_ba11_cafe_f00d).await;
+}
+
+/// Kill `run` 24 times at random points of a backfill from an API that
+/// answers each request after `latency`, then check that a final `once`
+/// delivers every record exactly once.
+async fn kill_9_loop(latency: Duration, seed: u64) {
+    let h = Harness::new(SimOptions { latency, ..opts(30_000, 3_000) }).await;
     let cfg = h.config(
         "[streams.user_activity]\npage_size = 250\ninterval = \"1s\"\n[streams.token_activity]\ninterval = \"1s\"\n",
     );
-    let mut rng: u64 = 0x5eed_1234_abcd_ef01;
+    let mut rng = seed;
     let mut next = move || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
