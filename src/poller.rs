@@ -103,7 +103,7 @@ impl PollReport {
     }
 }
 
-/// A record id's hash, to count ids served twice across a page boundary.
+/// A record id's hash, to compare a page with the one before it.
 fn id_hash(id: &str) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
@@ -367,8 +367,6 @@ impl Poller {
                 let (mut received, mut unique) = (0u64, 0u64);
                 let mut prev_ids: HashSet<u64> = HashSet::new();
                 let (mut first_count, mut count, mut count_moved) = (None::<u64>, None::<u64>, false);
-                // Copies, not slices: a slice would keep its whole page's body alive.
-                let mut prev_edges: Option<(String, String)> = None;
                 let mut page = 1u32;
                 loop {
                     self.wait_for_room(&unstored, cancel).await?;
@@ -396,11 +394,10 @@ impl Poller {
                         count = Some(c);
                     }
                     received += n as u64;
-                    let edges = match (current.records.first(), current.records.last()) {
-                        (Some(a), Some(b)) => Some((a.id.to_string(), b.id.to_string())),
-                        _ => None,
-                    };
-                    if edges.is_some() && edges == prev_edges {
+                    // The page's ids, hashed: the same as the page before's (a
+                    // server that ignores `page`), and how many are new since.
+                    let ids: HashSet<u64> = current.records.iter().map(|r| id_hash(&r.id)).collect();
+                    if n > 0 && ids == prev_ids {
                         // A server that answers a page past the end with its
                         // last page again: every record counted has arrived.
                         if count.is_some_and(|c| received - n as u64 >= c) {
@@ -418,7 +415,6 @@ impl Poller {
                             ),
                         }));
                     }
-                    let ids: HashSet<u64> = current.records.iter().map(|r| id_hash(&r.id)).collect();
                     unique += ids.difference(&prev_ids).count() as u64;
                     prev_ids = ids;
                     let last = n == 0 || (n < page_size && count.is_none_or(|c| received >= c));
@@ -440,7 +436,6 @@ impl Poller {
                     if page >= s.max_pages || (page == 1 && too_many) {
                         return Ok((requests, Some(Narrow::TooManyPages)));
                     }
-                    prev_edges = edges;
                     page += 1;
                 }
                 let moved = count_moved || count.is_some_and(|c| c != unique);

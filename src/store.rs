@@ -480,21 +480,24 @@ impl Store {
         self.inner.shrank.notified()
     }
 
+    /// Run `f` on the blocking pool; a task that panicked is an error naming the store.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        let task = tokio::task::spawn_blocking(move || f(&inner));
+        task.await.map_err(|e| other(&self.inner, format!("store task failed: {e}")))?
+    }
+
+    /// Run `f` on the writer connection, on the blocking pool.
     async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Inner, &mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = inner.writer();
-            f(&inner, &mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Other {
-            path: self.inner.path.display().to_string(),
-            message: format!("store task failed: {e}"),
-        })?
+        self.blocking(move |inner| f(inner, &mut inner.writer())).await
     }
 
     /// Like `run`, on the read-only connection (an error for a read-only open).
@@ -503,17 +506,11 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Inner, &Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let reader = inner.reader.as_ref().ok_or_else(|| read_only(&inner))?;
-            let conn = lock(reader);
-            f(&inner, &conn)
+        self.blocking(move |inner| {
+            let reader = inner.reader.as_ref().ok_or_else(|| read_only(inner))?;
+            f(inner, &lock(reader))
         })
         .await
-        .map_err(|e| StoreError::Other {
-            path: self.inner.path.display().to_string(),
-            message: format!("store task failed: {e}"),
-        })?
     }
 
     /// Make these the sinks that hold back trimming. A sink seen for the
@@ -609,15 +606,15 @@ impl Store {
         mut stored: impl FnMut(u64, &IngestStats) + Send + 'static,
     ) -> Result<IngestStats, StoreError> {
         use std::sync::mpsc::RecvTimeoutError;
-        let (stream, inner) = (stream.to_string(), self.inner.clone());
-        tokio::task::spawn_blocking(move || {
+        let stream = stream.to_string();
+        self.blocking(move |inner| {
             let mut total = IngestStats::default();
             // Only a group holds the writer connection, not the wait for its first page.
             while let Ok((first, slot)) = pages.recv() {
                 drop(slot);
                 let (mut conn, mut segs) = (inner.writer(), lock(&inner.segments));
                 let started = Instant::now();
-                let mut group = Group::open(&inner, &mut conn, &mut segs, &stream)?;
+                let mut group = Group::open(inner, &mut conn, &mut segs, &stream)?;
                 let mut records = group.add(&first)?;
                 drop(first);
                 let mut open = true;
@@ -660,10 +657,6 @@ impl Store {
             Ok(total)
         })
         .await
-        .map_err(|e| StoreError::Other {
-            path: self.inner.path.display().to_string(),
-            message: format!("store task failed: {e}"),
-        })?
     }
 
     /// A window is fully stored: move the watermark to the newest
@@ -821,11 +814,9 @@ impl Store {
                 let stream = stream_name(name);
                 let buf = segments::read(&inner.segments_dir, no as u64, at as u64, len as usize)
                     .map(bytes::Bytes::from)
-                    .map_err(|message| StoreError::Other { path: inner.path.display().to_string(), message })?;
-                let damaged = |what: String| StoreError::Other {
-                    path: inner.path.display().to_string(),
-                    message: format!("journal segment {no} (page from seq {first}): {what}"),
-                };
+                    .map_err(|message| other(inner, message))?;
+                let damaged =
+                    |what: String| other(inner, format!("journal segment {no} (page from seq {first}): {what}"));
                 let mut frames = 0i64;
                 for frame in segments::decode(&buf) {
                     let seq = first + frames;
@@ -1216,10 +1207,7 @@ fn lag(conn: &Connection, seq: i64, streams: &[String]) -> rusqlite::Result<(i64
     for stream in streams {
         let (n, min): (i64, Option<i64>) = st.query_row(params![seq, stream], |r| Ok((r.get(0)?, r.get(1)?)))?;
         records += n;
-        oldest = match (oldest, min) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        oldest = oldest.into_iter().chain(min).min();
     }
     Ok((records, oldest))
 }
@@ -1441,10 +1429,12 @@ fn convert_old_journal(conn: &mut Connection, segs: &mut Segments, path: &Path) 
 }
 
 fn read_only(inner: &Inner) -> StoreError {
-    StoreError::Other {
-        path: inner.path.display().to_string(),
-        message: "opened read-only: the journal cannot be read or written".into(),
-    }
+    other(inner, "opened read-only: the journal cannot be read or written")
+}
+
+/// An error of the store at `inner.path` that is not SQLite's.
+fn other(inner: &Inner, message: impl Into<String>) -> StoreError {
+    StoreError::Other { path: inner.path.display().to_string(), message: message.into() }
 }
 
 /// After a trim committed: update the counters and delete the segments
@@ -1564,7 +1554,7 @@ impl<'a> Group<'a> {
             kept.map(|(r, _)| r)
                 .try_for_each(|r| w.push(&r.id, r.created, &r.body))
                 .and_then(|()| w.end_page())
-                .map_err(|message| StoreError::Other { path: self.inner.path.display().to_string(), message })?;
+                .map_err(|message| other(self.inner, message))?;
         }
         Ok(page.records.len() as u64)
     }
@@ -1579,9 +1569,7 @@ impl<'a> Group<'a> {
         let inner = self.inner;
         let tx = self.tx.take().expect("a group commits once");
         if !self.writer.pages.is_empty() {
-            self.writer
-                .sync()
-                .map_err(|message| StoreError::Other { path: inner.path.display().to_string(), message })?;
+            self.writer.sync().map_err(|message| other(inner, message))?;
             self.writer.index(&inner.path, &tx)?;
         }
         if let Err(e) = tx.commit() {
