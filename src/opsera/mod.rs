@@ -4,7 +4,7 @@
 
 mod client;
 mod page;
-mod split;
+pub(crate) mod split;
 
 pub use client::{ApiError, Client};
 pub use page::{CountMeaning, Page, Record, parse_page, snippet};

@@ -54,6 +54,31 @@ pub(super) fn split(text: &str) -> Option<Split<'_>> {
     Some(Split { count: count.filter(|c| *c != "null"), records: data? })
 }
 
+/// The raw text of the values of `keys` at the top level of the object
+/// `text` (of a repeated key, the last), each with whether it is a string
+/// holding escapes; `None` when that is not plain (an escaped key, or text
+/// that is not one JSON object), and serde must decide instead.
+pub(crate) fn top_level<'a, const N: usize>(text: &'a str, keys: &[&str; N]) -> Option<[Option<(&'a str, bool)>; N]> {
+    let mut s = Scan { b: text.as_bytes(), i: 0, stack: Vec::new() };
+    let mut found = [None; N];
+    s.ws();
+    s.eat(b'{')?;
+    if !s.close(b'}') {
+        loop {
+            let key = s.key()?;
+            let at = s.i;
+            let escaped = if s.peek()? == b'"' { s.string()? } else { s.value().map(|()| false)? };
+            if let Some(k) = keys.iter().position(|k| k.as_bytes() == key) {
+                found[k] = Some((&text[at..s.i], escaped));
+            }
+            if !s.next_member(b'}')? {
+                break;
+            }
+        }
+    }
+    Some(found)
+}
+
 struct Scan<'a> {
     b: &'a [u8],
     i: usize,

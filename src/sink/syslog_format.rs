@@ -92,43 +92,66 @@ impl Formatter {
     }
 
     fn rfc5424(&self, row: &JournalRow, fields: &[(&'static str, Cow<str>)], json: &str) -> Message {
-        let mut sd_truncated = false;
-        let mut sd = format!("[{}", self.sd_id);
-        for (k, v) in fields.iter().map(|(k, v)| (*k, v.as_ref())).chain([("stream", &*row.stream)]) {
-            let (v, cut) = cap(v, SD_VALUE_CAP);
-            sd_truncated |= cut;
-            sd.push(' ');
-            sd.push_str(k);
-            sd.push_str("=\"");
-            sd.push_str(&escape_sd(&v, self.escape_line_breaks));
-            sd.push('"');
-        }
-        sd.push(']');
-        let head = format!(
-            "<{}>1 {} {} {} {} {} {} \u{feff}",
+        use std::fmt::Write as _;
+        // One string, sized for the message, takes the header, SD and MSG.
+        let sd_len: usize = fields.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        let mut head = String::with_capacity(160 + self.sd_id.len() + sd_len + json.len());
+        let _ = write!(
+            head,
+            "<{}>1 {} {} {} {} {} [{}",
             self.pri,
             fmt_rfc3339(row.created),
             self.hostname,
             self.app_name,
             self.procid,
             msgid(&row.stream),
-            sd
+            self.sd_id
         );
+        let mut sd_truncated = false;
+        for (k, v) in fields.iter().map(|(k, v)| (*k, v.as_ref())).chain([("stream", &*row.stream)]) {
+            let (v, cut) = cap(v, SD_VALUE_CAP);
+            sd_truncated |= cut;
+            head.push(' ');
+            head.push_str(k);
+            head.push_str("=\"");
+            head.push_str(&escape_sd(&v, self.escape_line_breaks));
+            head.push('"');
+        }
+        head.push_str("] \u{feff}");
         let mut m = fit(head, json, self.max_bytes);
         m.truncated |= sd_truncated;
         m
     }
 
     fn rfc3164(&self, row: &JournalRow, json: &str) -> Message {
-        fit(self.header3164(row), json, self.max_bytes)
+        let mut head = String::with_capacity(64 + self.hostname.len() + self.app_name.len() + json.len());
+        self.header3164(row, &mut head);
+        fit(head, json, self.max_bytes)
     }
 
-    fn header3164(&self, row: &JournalRow) -> String {
+    /// `<PRI>Mmm dd hh:mm:ss HOSTNAME APP[PID]: ` (the day padded with a space, UTC).
+    fn header3164(&self, row: &JournalRow, out: &mut String) {
+        use chrono::{Datelike, Timelike};
+        use std::fmt::Write as _;
+        const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
         let t = chrono::DateTime::from_timestamp_millis(row.created).unwrap_or_default();
-        format!("<{}>{} {} {}[{}]: ", self.pri, t.format("%b %e %H:%M:%S"), self.hostname, self.app_name, self.procid)
+        let _ = write!(
+            out,
+            "<{}>{} {:>2} {:02}:{:02}:{:02} {} {}[{}]: ",
+            self.pri,
+            MONTHS[t.month0() as usize],
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            self.hostname,
+            self.app_name,
+            self.procid
+        );
     }
 
     fn cef(&self, row: &JournalRow, fields: &[(&'static str, Cow<str>)], json: &str) -> Message {
+        use std::fmt::Write as _;
         let get = |k: &str| fields.iter().find(|(f, _)| *f == k).map(|(_, v)| v.as_ref());
         let (signature, name) = match (get("type"), get("action"), get("token_id")) {
             (_, _, Some(_)) => (
@@ -138,12 +161,25 @@ impl Formatter {
             (Some(t), Some(a), None) => (format!("{t}.{a}"), format!("Opsera {t} {a}")),
             _ => (row.stream.to_string(), format!("Opsera {}", row.stream.replace('_', " "))),
         };
-        let mut ext = format!("rt={}", row.created);
-        let mut push = |k: &str, v: &str| {
-            ext.push(' ');
-            ext.push_str(k);
-            ext.push('=');
-            ext.push_str(&escape_cef_ext(&cap(v, SD_VALUE_CAP).0));
+        // One string, sized for the message, takes the header, extension and MSG.
+        let ext_len: usize = fields.iter().map(|(_, v)| v.len() + 32).sum();
+        let mut head = String::with_capacity(256 + self.hostname.len() + ext_len + json.len() + json.len() / 8);
+        self.header3164(row, &mut head);
+        let _ = write!(
+            head,
+            "CEF:0|Opsera|opsera-shipper|{}|{}|{}|{}|rt={}",
+            env!("CARGO_PKG_VERSION"),
+            escape_cef_header(&signature),
+            escape_cef_header(&name),
+            cef_severity(self.severity),
+            row.created
+        );
+        let mut push = |k: &str, suffix: &str, v: &str| {
+            head.push(' ');
+            head.push_str(k);
+            head.push_str(suffix);
+            head.push('=');
+            head.push_str(&escape_cef_ext(&cap(v, SD_VALUE_CAP).0));
         };
         for (field, key, label) in [
             ("_id", "externalId", None),
@@ -160,43 +196,52 @@ impl Formatter {
         ] {
             if let Some(v) = get(field) {
                 if let Some(l) = label {
-                    push(&format!("{key}Label"), l);
+                    push(key, "Label", l);
                 }
-                push(key, v);
+                push(key, "", v);
             }
         }
-        push("cs6Label", "stream");
-        push("cs6", &row.stream);
-        let head = format!(
-            "{}CEF:0|Opsera|opsera-shipper|{}|{}|{}|{}|{} msg=",
-            self.header3164(row),
-            env!("CARGO_PKG_VERSION"),
-            escape_cef_header(&signature),
-            escape_cef_header(&name),
-            cef_severity(self.severity),
-            ext
-        );
+        push("cs6Label", "", "stream");
+        push("cs6", "", &row.stream);
+        head.push_str(" msg=");
         fit_with(head, json, self.max_bytes, escape_cef_ext)
     }
 }
 
 /// MSGID: the stream's name (≤ 32 printable ASCII).
 fn msgid(stream: &str) -> Cow<'_, str> {
+    if stream.len() <= 32 && !stream.is_empty() && stream.bytes().all(|b| b.is_ascii_graphic()) {
+        return Cow::Borrowed(stream);
+    }
     let clean: String = stream.chars().filter(|c| c.is_ascii_graphic()).take(32).collect();
     if clean.is_empty() { Cow::Borrowed("-") } else { Cow::Owned(clean) }
 }
 
 /// The record's top-level key fields that are strings, numbers or
-/// booleans, in `KEY_FIELDS` order (numbers keep their original text).
-/// One streaming pass over the record: other fields are skipped without
-/// being built, so a record nested deeper than serde_json's recursion
-/// limit still yields its `_id`; of repeated keys the last one wins.
+/// booleans, in `KEY_FIELDS` order (numbers keep their original text; of
+/// repeated keys the last one wins). One pass of the page splitter's
+/// scanner finds them; text it leaves to serde (an escaped key) is read by
+/// serde's streaming parser, which skips other fields without building
+/// them, so a record nested deeper than its recursion limit still yields
+/// its `_id`.
 fn key_fields(body: &str) -> Vec<(&'static str, Cow<'_, str>)> {
+    let Some(found) = crate::opsera::split::top_level(body, &KEY_FIELDS).or_else(|| key_fields_serde(body)) else {
+        return Vec::new();
+    };
+    KEY_FIELDS
+        .iter()
+        .zip(found)
+        .filter_map(|(k, v)| v.and_then(|(text, escaped)| Some((*k, scalar(text, escaped)?))))
+        .collect()
+}
+
+#[derive(serde::Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// `key_fields`' raw values as serde finds them (strings to be decoded by serde).
+fn key_fields_serde(body: &str) -> Option<[Option<(&str, bool)>; KEY_FIELDS.len()]> {
     use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
     use serde_json::value::RawValue;
-
-    #[derive(serde::Deserialize)]
-    struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
 
     struct Fields;
     impl<'de> Visitor<'de> for Fields {
@@ -218,62 +263,79 @@ fn key_fields(body: &str) -> Vec<(&'static str, Cow<'_, str>)> {
         }
     }
 
-    let Ok(found) = serde_json::Deserializer::from_str(body).deserialize_map(Fields) else {
-        return Vec::new();
-    };
-    KEY_FIELDS
-        .iter()
-        .zip(found)
-        .filter_map(|(k, raw)| {
-            let text = raw?.get();
-            let value = match text.as_bytes().first()? {
-                b'"' => serde_json::from_str::<Key>(text).ok()?.0,
-                b't' | b'f' | b'-' | b'0'..=b'9' => Cow::Borrowed(text),
-                _ => return None,
-            };
-            Some((*k, value))
-        })
-        .collect()
+    let found = serde_json::Deserializer::from_str(body).deserialize_map(Fields).ok()?;
+    Some(found.map(|raw| raw.map(|r| (r.get(), true))))
 }
 
-/// Copy `v`, replacing each byte for which `rule` gives a replacement;
-/// borrowed when nothing needs replacing. Every special character is ASCII,
-/// so runs between them are copied whole and UTF-8 stays intact.
-fn escape_with(v: &str, rule: impl Fn(u8) -> Option<&'static str>) -> Cow<'_, str> {
+/// A key field's value from its raw text: a string's content (decoded by
+/// serde when `escaped`), a number's or boolean's text; `None` otherwise.
+fn scalar(text: &str, escaped: bool) -> Option<Cow<'_, str>> {
+    match text.as_bytes().first()? {
+        b'"' if !escaped => text.get(1..text.len() - 1).map(Cow::Borrowed),
+        b'"' => serde_json::from_str::<Key>(text).ok().map(|k| k.0),
+        b't' | b'f' | b'-' | b'0'..=b'9' => Some(Cow::Borrowed(text)),
+        _ => None,
+    }
+}
+
+/// Copy `v`, replacing each byte of `set` by what `rule` gives for it;
+/// borrowed when `v` holds none. Every special character is ASCII, so runs
+/// between them are copied whole and UTF-8 stays intact.
+fn escape_with<'a>(v: &'a str, set: &[u8], rule: impl Fn(u8) -> Option<&'static str>) -> Cow<'a, str> {
     let bytes = v.as_bytes();
-    let Some(first) = bytes.iter().position(|b| rule(*b).is_some()) else {
+    let Some(mut i) = find_any(bytes, set) else {
         return Cow::Borrowed(v);
     };
     let mut o = String::with_capacity(v.len() + 16);
-    o.push_str(&v[..first]);
-    let mut run = first;
-    for (i, b) in bytes.iter().enumerate().skip(first) {
-        if let Some(rep) = rule(*b) {
+    let mut run = 0;
+    loop {
+        if let Some(rep) = rule(bytes[i]) {
             o.push_str(&v[run..i]);
             o.push_str(rep);
             run = i + 1;
+        }
+        match find_any(&bytes[i + 1..], set) {
+            Some(n) => i += 1 + n,
+            None => break,
         }
     }
     o.push_str(&v[run..]);
     Cow::Owned(o)
 }
 
+/// Where the first byte of `b` that is in `set` (at most six bytes) is.
+fn find_any(b: &[u8], set: &[u8]) -> Option<usize> {
+    let find = |set: &[u8]| match *set {
+        [] => None,
+        [x] => memchr::memchr(x, b),
+        [x, y] => memchr::memchr2(x, y, b),
+        [x, y, z, ..] => memchr::memchr3(x, y, z, b),
+    };
+    let (first, rest) = set.split_at(set.len().min(3));
+    debug_assert!(rest.len() <= 3);
+    match (find(first), find(rest)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// RFC 5424 PARAM-VALUE escaping (`"`, `\`, `]`); with `line_breaks`, CR and
 /// LF are also written as `\r`/`\n`, so no message holds a raw line break.
 pub fn escape_sd(v: &str, line_breaks: bool) -> Cow<'_, str> {
-    escape_with(v, |b| match b {
+    let set: &[u8] = if line_breaks { b"\"\\]\n\r" } else { b"\"\\]" };
+    escape_with(v, set, |b| match b {
         b'"' => Some("\\\""),
         b'\\' => Some("\\\\"),
         b']' => Some("\\]"),
-        b'\n' if line_breaks => Some("\\n"),
-        b'\r' if line_breaks => Some("\\r"),
+        b'\n' => Some("\\n"),
+        b'\r' => Some("\\r"),
         _ => None,
     })
 }
 
 /// CEF header escaping: `\` and `|`; line breaks become spaces.
 pub fn escape_cef_header(v: &str) -> Cow<'_, str> {
-    escape_with(v, |b| match b {
+    escape_with(v, b"\\|\n\r", |b| match b {
         b'\\' => Some("\\\\"),
         b'|' => Some("\\|"),
         b'\n' | b'\r' => Some(" "),
@@ -283,7 +345,7 @@ pub fn escape_cef_header(v: &str) -> Cow<'_, str> {
 
 /// CEF extension value escaping: `\`, `=`, and line breaks as `\n`/`\r`.
 pub fn escape_cef_ext(v: &str) -> Cow<'_, str> {
-    escape_with(v, |b| match b {
+    escape_with(v, b"\\=\n\r", |b| match b {
         b'\\' => Some("\\\\"),
         b'=' => Some("\\="),
         b'\n' => Some("\\n"),
@@ -432,6 +494,34 @@ mod tests {
     }
 
     #[test]
+    fn rfc3164_and_cef_messages_whole() {
+        let body = r#"{"_id":"i1","type":"pipeline","action":"run","token_id":"t\\1","scope":"a=b","createdAt":"x"}"#;
+        let m = fmt(SyslogFormat::Rfc3164, 65536).format(&row(body));
+        assert_eq!(
+            String::from_utf8(m.bytes).unwrap(),
+            format!("<166>Jul 30 16:13:52 host-1 opsera-shipper[42]: {body}")
+        );
+        let m = fmt(SyslogFormat::Cef, 65536).format(&row(body));
+        assert_eq!(
+            String::from_utf8(m.bytes).unwrap(),
+            format!(
+                "<166>Jul 30 16:13:52 host-1 opsera-shipper[42]: CEF:0|Opsera|opsera-shipper|{}|token.a=b|Opsera token activity|3|\
+                 rt=1627661632109 externalId=i1 act=run cat=pipeline cs4Label=tokenId cs4=t\\\\1 cs5Label=scope cs5=a\\=b \
+                 cs6Label=stream cs6=user_activity msg={}",
+                env!("CARGO_PKG_VERSION"),
+                escape_cef_ext(body)
+            )
+        );
+        let mut early = row("{}");
+        early.created = 1_625_130_000_000; // 2021-07-01T09:00:00Z: the day is padded with a space
+        assert!(
+            String::from_utf8(fmt(SyslogFormat::Rfc3164, 99).format(&early).bytes)
+                .unwrap()
+                .starts_with("<166>Jul  1 09:00:00 ")
+        );
+    }
+
+    #[test]
     fn oversized_message_is_cut_visibly_and_keeps_the_id() {
         let big = "x".repeat(5000);
         let body = format!(r#"{{"_id":"keep-me","createdAt":"x","v":"{big}"}}"#);
@@ -445,6 +535,32 @@ mod tests {
                 assert!(s.contains("keep-me"), "{f:?}: the _id survives in SD/extension");
             }
         }
+    }
+
+    /// `key_fields` as serde alone finds them.
+    fn key_fields_by_serde(body: &str) -> Vec<(&'static str, Cow<'_, str>)> {
+        let Some(found) = key_fields_serde(body) else { return Vec::new() };
+        KEY_FIELDS.iter().zip(found).filter_map(|(k, v)| v.and_then(|(t, e)| Some((*k, scalar(t, e)?)))).collect()
+    }
+
+    #[test]
+    fn key_fields_read_like_serde_where_the_scanner_steps_aside() {
+        for body in [
+            // An escaped key spelling `_id`: serde decodes it, the scanner hands over.
+            r#"{"\u005fid":"a","type":"t"}"#,
+            // Repeated: the last wins.
+            r#"{"_id":"a","_id":"b","action":1.5e3}"#,
+            // Escaped values, numbers, booleans; null, objects and arrays are not key fields.
+            r#"{"_id":"x\"y\u00e9","account":true,"scope":null,"target":{"a":1},"type":[1],"user_id":-0.5}"#,
+            // Not an object, and not JSON.
+            r#"["_id","a"]"#,
+            r#"{"_id":"a""#,
+            "",
+        ] {
+            assert_eq!(key_fields(body), key_fields_by_serde(body), "{body}");
+        }
+        assert_eq!(key_fields(r#"{"\u005fid":"a"}"#), vec![("_id", Cow::Borrowed("a"))]);
+        assert_eq!(key_fields(r#"{"_id":"a","_id":"b"}"#), vec![("_id", Cow::Borrowed("b"))]);
     }
 
     proptest! {
@@ -472,6 +588,51 @@ mod tests {
                 prop_assert!(m.bytes.len() <= max, "{:?}: {} > {}", f, m.bytes.len(), max);
                 prop_assert!(std::str::from_utf8(&m.bytes).is_ok());
             }
+        }
+
+        /// The scanner finds the key fields serde finds, in any record.
+        #[test]
+        fn key_fields_match_serde(
+            members in proptest::collection::vec((
+                prop_oneof![
+                    proptest::sample::select(KEY_FIELDS.to_vec()).prop_map(String::from),
+                    "[a-z_]{1,8}",
+                ],
+                prop_oneof![
+                    "[a-z0-9 \"\\\\/é\u{1}]{0,12}".prop_map(serde_json::Value::from),
+                    any::<i64>().prop_map(serde_json::Value::from),
+                    any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+                    any::<bool>().prop_map(serde_json::Value::from),
+                    Just(serde_json::Value::Null),
+                    Just(serde_json::json!({"_id": "inner", "a": [1, {"b": "c"}]})),
+                ],
+            ), 0..14),
+            pretty in any::<bool>(),
+        ) {
+            // Built as text, so that keys may repeat.
+            let sep = if pretty { ",\n  " } else { "," };
+            let body = format!(
+                "{{{}}}",
+                members
+                    .iter()
+                    .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), v))
+                    .collect::<Vec<_>>()
+                    .join(sep)
+            );
+            prop_assert!(crate::opsera::split::top_level(&body, &KEY_FIELDS).is_some(), "{}", body);
+            prop_assert_eq!(key_fields(&body), key_fields_by_serde(&body), "{}", body);
+        }
+
+        /// The RFC 3164 header reads as `%b %e %H:%M:%S` would write it.
+        #[test]
+        fn rfc3164_header_matches_strftime(ms in -62_000_000_000_000i64..253_000_000_000_000) {
+            let f = fmt(SyslogFormat::Rfc3164, 65536);
+            let mut r = row("{}");
+            r.created = ms;
+            let mut head = String::new();
+            f.header3164(&r, &mut head);
+            let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
+            prop_assert_eq!(head, format!("<166>{} host-1 opsera-shipper[42]: ", t.format("%b %e %H:%M:%S")));
         }
 
         #[test]
