@@ -11,7 +11,8 @@
 //! Environment: `BENCH_SIZES` (default `10000,100000,1000000`),
 //! `BENCH_IDLE_SECS` (default 60; 0 skips the idle run), `BENCH_QUICK`
 //! (only the size table), `BENCH_WRAP` (a profiler to run the pipeline
-//! under, e.g. `perf record -g -o /tmp/perf.data`).
+//! under, e.g. `perf record -g -o /tmp/perf.data`), `BENCH_OLDEST_FIRST`
+//! (serve each window oldest record first; the default is newest first).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -46,7 +47,9 @@ fn hex24(mut x: u64) -> String {
     s
 }
 
-/// A realistic audit record of about 350 bytes; one in 20 carries a 2 KB value.
+/// A realistic audit record of about 350 bytes; one in 20 carries a 2 KB
+/// value. Its `_id` is shaped like a MongoDB ObjectId: the creation second
+/// in 8 hex digits, then 16 that differ per record.
 fn record(i: usize, created_ms: i64) -> String {
     let t = chrono::DateTime::from_timestamp_millis(created_ms).unwrap();
     let users = ["alice.nguyen@example.com", "bob.okafor@example.com", "carla.rossi@example.com", "support@opsera.io"];
@@ -58,8 +61,8 @@ fn record(i: usize, created_ms: i64) -> String {
         format!("Pipeline {} step {} finished with status success in {} ms", i % 97, i % 13, i % 9973)
     };
     format!(
-        r#"{{"_id":"{:0>8x}{}","user_id":"5f0a1b2c3d4e5f607182930{}","user_email":"{}","type":"{ty}","action":"{action}","secondary_action":"via-api","target_id":"{}","account":"org-acme-prod","note":"{note}","ip":"10.1.{}.{}","createdAt":"{}","__v":0}}"#,
-        i,
+        r#"{{"_id":"{:08x}{}","user_id":"5f0a1b2c3d4e5f607182930{}","user_email":"{}","type":"{ty}","action":"{action}","secondary_action":"via-api","target_id":"{}","account":"org-acme-prod","note":"{note}","ip":"10.1.{}.{}","createdAt":"{}","__v":0}}"#,
+        created_ms / 1000,
         &hex24(i as u64)[..16],
         i % 10,
         users[i % users.len()],
@@ -71,6 +74,10 @@ fn record(i: usize, created_ms: i64) -> String {
 }
 
 /// `n` records spread over the 50 minutes ending 5 minutes ago, in pages of `PAGE`, newest first.
+fn oldest_first() -> bool {
+    std::env::var("BENCH_OLDEST_FIRST").is_ok()
+}
+
 fn render(n: usize) -> (Vec<Bytes>, u64) {
     let end = chrono::Utc::now().timestamp_millis() - 5 * 60_000;
     let span = 50 * 60_000i64;
@@ -80,7 +87,10 @@ fn render(n: usize) -> (Vec<Bytes>, u64) {
     while i < n {
         let mut page = format!("{{\"count\":{n},\"data\":[");
         for k in i..(i + PAGE).min(n) {
-            let created = end - (span * k as i64) / n as i64;
+            // Newest first, as a server sorting by `createdAt` would send
+            // them (BENCH_OLDEST_FIRST: the other way round).
+            let step = (span * k as i64) / n as i64;
+            let created = if oldest_first() { end - span + step } else { end - step };
             let r = record(k, created);
             bytes += r.len() as u64;
             if k > i {
