@@ -32,7 +32,7 @@ fn run(cli: Cli) -> Result<u8, AppError> {
     let require_token = matches!(cli.command, Command::Run | Command::Once { .. } | Command::CheckConfig);
     if let Command::Demo { duration, dir } = cli.command {
         init_logging("info", LogFormat::Text);
-        return runtime()?.block_on(app::demo(dir, duration));
+        return runtime(1)?.block_on(app::demo(dir, duration));
     }
     if let Command::Health { url } = &cli.command {
         // A probe needs no token, and with --url no config at all.
@@ -40,31 +40,38 @@ fn run(cli: Cli) -> Result<u8, AppError> {
             Some(_) => None,
             None => Some(config::load(&cli.config, &LoadOptions { require_token: false, env: None })?),
         };
-        return runtime()?.block_on(app::health(url.clone(), cfg));
+        return runtime(1)?.block_on(app::health(url.clone(), cfg));
     }
     let cfg = config::load(&cli.config, &LoadOptions { require_token, env: None })?;
     init_logging(&cfg.log.level, cfg.log.format);
     for w in cfg.security_warnings() {
         tracing::warn!("{w}");
     }
+    let workers = cfg.runtime.worker_threads;
     match cli.command {
         Command::CheckConfig => {
             print!("{}", cfg.render_masked());
             eprintln!("Config {} is valid.", cfg.source.display());
             Ok(exit::OK)
         }
-        Command::Run => runtime()?.block_on(app::run(cfg, tokio_util::sync::CancellationToken::new())),
-        Command::Once { timeout } => runtime()?.block_on(app::once(cfg, timeout)),
-        Command::Status { json } => runtime()?.block_on(app::status(cfg, json)),
-        Command::Reset { stream, since } => runtime()?.block_on(app::reset(cfg, &stream, since.as_deref())),
-        Command::DeadLetters { action } => runtime()?.block_on(app::dead_letters(cfg, action)),
+        Command::Run => runtime(workers)?.block_on(app::run(cfg, tokio_util::sync::CancellationToken::new())),
+        Command::Once { timeout } => runtime(workers)?.block_on(app::once(cfg, timeout)),
+        Command::Status { json } => runtime(workers)?.block_on(app::status(cfg, json)),
+        Command::Reset { stream, since } => runtime(workers)?.block_on(app::reset(cfg, &stream, since.as_deref())),
+        Command::DeadLetters { action } => runtime(workers)?.block_on(app::dead_letters(cfg, action)),
         Command::Demo { .. } | Command::Health { .. } => unreachable!("handled above"),
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, AppError> {
+/// The async runtime, with `workers` worker threads (`runtime.worker_threads`,
+/// 1 unless configured). The async side fetches, parses and formats, and
+/// hands everything that waits for the disk to threads of its own (the
+/// storer, the blocking pool), so one worker keeps up; a backfill then
+/// crosses between threads less often (two workers: about 10 % more CPU a
+/// record and 10–15 % fewer records a second in alternated runs).
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, AppError> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .max_blocking_threads(8)
         .enable_all()
         .build()

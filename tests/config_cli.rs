@@ -107,3 +107,29 @@ async fn shipped_configs_parse() {
         }
     }
 }
+
+#[tokio::test]
+async fn worker_threads_are_checked_and_taken() {
+    for bad in ["0", "65", "\"many\""] {
+        let (code, _, err) = check(&format!("{BASE}\n[runtime]\nworker_threads = {bad}\n"), &[]).await;
+        assert_eq!(code, Some(78), "{bad}: {err}");
+        assert!(err.contains("runtime.worker_threads") && err.contains("bad.toml"), "{bad}: {err}");
+    }
+    let (code, out, err) = check(BASE, &[]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("worker_threads = 1"), "the default is one worker: {out}");
+    let (code, out, err) = check(BASE, &[("OPSERA_SHIPPER__RUNTIME__WORKER_THREADS", "3")]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("worker_threads = 3"), "{out}");
+    // The daemon's commands run on that many workers (here: status).
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.toml");
+    let state = dir.path().join("state.db");
+    std::fs::write(
+        &p,
+        BASE.replace("/tmp/never-opened.db", state.to_str().unwrap()) + "[runtime]\nworker_threads = 2\n",
+    )
+    .unwrap();
+    let o = run_bin(&["status", "--config", p.to_str().unwrap()], &[]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -183,6 +183,8 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawRuntime {
     shutdown_timeout: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_u64")]
+    worker_threads: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------
@@ -317,6 +319,8 @@ pub struct LogConfig {
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     pub shutdown_timeout: Duration,
+    /// Async worker threads (1 by default).
+    pub worker_threads: usize,
 }
 
 /// What the caller needs of the config.
@@ -527,6 +531,10 @@ fn validate(
     // [runtime]
     let shutdown_timeout =
         duration_key("runtime.shutdown_timeout", raw.runtime.shutdown_timeout.as_deref(), "20s").map_err(&err)?;
+    let worker_threads = raw.runtime.worker_threads.unwrap_or(1);
+    if !(1..=64).contains(&worker_threads) {
+        return Err(err(format!("runtime.worker_threads: {worker_threads} is not between 1 and 64")));
+    }
 
     let server_listen = match raw.server.listen.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
         None => None,
@@ -555,7 +563,7 @@ fn validate(
         streams,
         sinks,
         log: LogConfig { level, format },
-        runtime: RuntimeConfig { shutdown_timeout },
+        runtime: RuntimeConfig { shutdown_timeout, worker_threads: worker_threads as usize },
     })
 }
 
@@ -920,6 +928,7 @@ impl Config {
             "shutdown_timeout = {:?}",
             humantime::format_duration(self.runtime.shutdown_timeout).to_string()
         );
+        let _ = writeln!(o, "worker_threads = {}", self.runtime.worker_threads);
         o
     }
 }
