@@ -67,8 +67,8 @@ fn run(cli: Cli) -> Result<u8, AppError> {
 /// 1 unless configured). The async side fetches, parses and formats, and
 /// hands everything that waits for the disk to threads of its own (the
 /// storer, the blocking pool), so one worker keeps up; a backfill then
-/// crosses between threads less often (two workers: about 10 % more CPU a
-/// record and 10–15 % fewer records a second in alternated runs).
+/// crosses between threads less often (against two workers, alternated:
+/// faster in four pairs of runs of six, the same in the other two).
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, AppError> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
