@@ -585,9 +585,6 @@ impl Store {
                 group.commit()
             })
             .await?;
-        if stats.new > 0 {
-            self.inner.grew.notify_waiters();
-        }
         Ok(stats)
     }
 
@@ -637,9 +634,6 @@ impl Store {
                 drop(segs);
                 // Whoever waits for the connection goes before the next group.
                 parking_lot::MutexGuard::unlock_fair(conn);
-                if stats.new > 0 {
-                    inner.grew.notify_waiters();
-                }
                 tracing::debug!(
                     stream = %stream,
                     pages = pages_in,
@@ -1578,6 +1572,9 @@ impl<'a> Group<'a> {
         }
         inner.journal_records.fetch_add(self.stats.new, Ordering::Relaxed);
         inner.journal_bytes.fetch_add(self.writer.body_bytes() as u64, Ordering::Relaxed);
+        if self.stats.new > 0 {
+            inner.grew.notify_waiters();
+        }
         Ok(self.stats)
     }
 }
@@ -1696,6 +1693,13 @@ pub(crate) fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store at `db` with sink "a" registered.
+    async fn with_sink_a(db: &Path) -> Store {
+        let s = Store::open(db).unwrap();
+        s.register_sinks(vec!["a".into()]).await.unwrap();
+        s
+    }
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
@@ -1758,8 +1762,7 @@ mod tests {
     fn journal_seq_is_never_reused_after_trim() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let s = Store::open(&dir.path().join("s.db")).unwrap();
-            s.register_sinks(vec!["a".into()]).await.unwrap();
+            let s = with_sink_a(&dir.path().join("s.db")).await;
             s.ingest("u", vec![rec("1", 1), rec("2", 2)], (0, 0)).await.unwrap();
             s.commit_cursor("a", 2, None, 0).await.unwrap();
             assert_eq!(s.backlog().0, 0);
@@ -1866,8 +1869,7 @@ mod tests {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let db = dir.path().join("s.db");
-            let s = Store::open(&db).unwrap();
-            s.register_sinks(vec!["a".into()]).await.unwrap();
+            let s = with_sink_a(&db).await;
             s.ingest("u", vec![rec("a", 1)], (0, 0)).await.unwrap();
             let seg = segments::dir_for(&db).join(format!("{:016}.seg", 1));
             let len = std::fs::metadata(&seg).unwrap().len();
@@ -1902,8 +1904,7 @@ mod tests {
     fn retried_dead_letters_and_the_file_position_commit_together() {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let s = Store::open(&dir.path().join("s.db")).unwrap();
-            s.register_sinks(vec!["a".into()]).await.unwrap();
+            let s = with_sink_a(&dir.path().join("s.db")).await;
             s.ingest("u", vec![rec("x", 1), rec("y", 2)], (0, 0)).await.unwrap();
             let rows = s.read_batch(0, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap().rows;
             for row in rows {
@@ -1973,8 +1974,7 @@ mod tests {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let db = dir.path().join("s.db");
-            let s = Store::open(&db).unwrap();
-            s.register_sinks(vec!["a".into()]).await.unwrap();
+            let s = with_sink_a(&db).await;
             let seg = segments::dir_for(&db).join(format!("{:016}.seg", 1));
             // Every byte of the segment belongs to an indexed page: nothing
             // written for a group is left behind unindexed.
@@ -2035,8 +2035,7 @@ mod tests {
         rt().block_on(async {
             use std::sync::atomic::AtomicBool;
             let dir = tempfile::tempdir().unwrap();
-            let s = Store::open(&dir.path().join("s.db")).unwrap();
-            s.register_sinks(vec!["a".into()]).await.unwrap();
+            let s = with_sink_a(&dir.path().join("s.db")).await;
             s.ingest("u", vec![rec("first", 1)], (0, 0)).await.unwrap();
             // Pages follow each other well within `GROUP_WAIT`, for up to
             // 10 s: one group, open all that time, unless a waiter cuts it.
@@ -2169,8 +2168,7 @@ mod tests {
         ) {
             rt().block_on(async {
                 let dir = tempfile::tempdir().unwrap();
-                let s = Store::open(&dir.path().join("s.db")).unwrap();
-                s.register_sinks(vec!["a".into()]).await.unwrap();
+                let s = with_sink_a(&dir.path().join("s.db")).await;
                 let mut model = BTreeSet::new();
                 let mut order = Vec::new();
                 let mut journal_pages = 0;
