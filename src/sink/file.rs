@@ -9,9 +9,7 @@
 //! torn. A file with another identity (logrotate moved ours away) is never
 //! cut. A failed write is also cut back before it is retried.
 
-use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
-use std::io::{IoSlice, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +17,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tracing::{info, warn};
 
-use super::{Batching, LineFormat, Sink, SinkError};
+use super::{Batching, LineFormat, Sink, SinkError, off_workers, write_lines};
 use crate::store::{FilePos, JournalRow};
 
 pub struct FileSink {
@@ -90,11 +88,6 @@ fn reconcile(sink: &str, path: &std::path::Path, f: &File, committed: Option<Fil
     Ok(())
 }
 
-/// Lines go to the file straight from their journal pages, this many to a
-/// `writev` (two slices a line: the text and its newline, within Linux's
-/// limit of 1024), so a batch is never copied into an output buffer first.
-const LINES_PER_WRITE: usize = 512;
-
 /// Append `rows` as lines and fsync; on failure cut the file back to where it was.
 fn append_durably(
     path: &std::path::Path,
@@ -104,15 +97,7 @@ fn append_durably(
 ) -> Result<FilePos, SinkError> {
     let before = position_of(path, f)?.offset;
     let mut w: &File = f;
-    let written = (|| {
-        for piece in rows.chunks(LINES_PER_WRITE) {
-            let texts: Vec<Cow<str>> = piece.iter().map(|r| lines.line(r)).collect();
-            let mut slices: Vec<IoSlice> =
-                texts.iter().flat_map(|t| [IoSlice::new(t.as_bytes()), IoSlice::new(b"\n")]).collect();
-            write_all_vectored(&mut w, &mut slices)?;
-        }
-        f.sync_data()
-    })();
+    let written = write_lines(&mut w, lines, rows).and_then(|()| f.sync_data());
     if let Err(e) = written {
         // Never leave a partial line behind: cut back (best effort) and retry later.
         let _ = f.set_len(before);
@@ -125,19 +110,6 @@ fn append_durably(
 fn position_of(path: &std::path::Path, f: &File) -> Result<FilePos, SinkError> {
     let m = f.metadata().map_err(|e| SinkError::retry(format!("stat {}: {e}", path.display())))?;
     Ok(FilePos { dev: m.dev(), ino: m.ino(), offset: m.len() })
-}
-
-/// Write all of `slices`, however the kernel splits the writes.
-fn write_all_vectored(w: &mut impl Write, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
-    while !slices.is_empty() {
-        match w.write_vectored(slices) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// `file`, or the file at `path` opened for appending when it is not open.
@@ -163,24 +135,8 @@ fn write_batch(
 #[async_trait]
 impl Sink for FileSink {
     async fn deliver(&mut self, rows: &[JournalRow]) -> Result<Option<FilePos>, SinkError> {
-        // Write and fsync off the async workers. On the daemon's
-        // multi-threaded runtime that is this thread, its other tasks handed
-        // to another worker meanwhile (`block_in_place`), so the rows need
-        // not be copied; elsewhere (a single-threaded runtime, as in unit
-        // tests) a blocking task gets a copy of the rows, which shares their
-        // journal pages' buffers.
-        let (file, pos) = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| write_batch(&self.path, self.file.clone(), &self.lines, rows))?
-            }
-            _ => {
-                let (path, file, lines, rows) =
-                    (self.path.clone(), self.file.clone(), self.lines.clone(), rows.to_vec());
-                tokio::task::spawn_blocking(move || write_batch(&path, file, &lines, &rows))
-                    .await
-                    .map_err(|e| SinkError::retry(format!("file sink task failed: {e}")))??
-            }
-        };
+        let (path, file, lines) = (self.path.clone(), self.file.clone(), self.lines.clone());
+        let (file, pos) = off_workers(rows, move |rows| write_batch(&path, file, &lines, rows)).await?;
         self.file = Some(file);
         Ok(Some(pos))
     }
@@ -241,44 +197,11 @@ mod tests {
                 .into(),
             })
             .collect();
-        assert!(rows.len() > 2 * LINES_PER_WRITE);
+        assert!(rows.len() > 2 * super::super::LINES_PER_WRITE);
         let pos = sink.deliver(&rows).await.unwrap().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text, LineFormat::default().render(&rows));
         assert_eq!(text.lines().count(), rows.len());
         assert_eq!(pos.offset, text.len() as u64);
-    }
-
-    /// A writer that takes a few bytes a call, and is interrupted now and then.
-    struct Trickle {
-        out: Vec<u8>,
-        calls: usize,
-    }
-
-    impl Write for Trickle {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.calls += 1;
-            if self.calls.is_multiple_of(5) {
-                return Err(std::io::ErrorKind::Interrupted.into());
-            }
-            let n = buf.len().min(7);
-            self.out.extend_from_slice(&buf[..n]);
-            Ok(n)
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn short_and_interrupted_writes_still_write_every_slice_once() {
-        let parts: Vec<String> = (0..50).map(|i| format!("line {i} {}", "y".repeat(i % 13))).collect();
-        let mut slices: Vec<IoSlice> =
-            parts.iter().flat_map(|p| [IoSlice::new(p.as_bytes()), IoSlice::new(b"\n")]).collect();
-        let mut w = Trickle { out: Vec::new(), calls: 0 };
-        write_all_vectored(&mut w, &mut slices).unwrap();
-        let expected: String = parts.iter().map(|p| format!("{p}\n")).collect();
-        assert_eq!(String::from_utf8(w.out).unwrap(), expected);
     }
 }
