@@ -410,8 +410,8 @@ fn fit_with(mut head: String, body: &str, max: usize, esc: impl Fn(&str) -> Cow<
 
 /// RFC 5425/6587 octet counting: `LEN SP MSG`.
 pub fn frame_octet(msg: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(msg.len().to_string().as_bytes());
-    out.push(b' ');
+    use std::io::Write;
+    let _ = write!(out, "{} ", msg.len()); // writing to a Vec cannot fail
     out.extend_from_slice(msg);
 }
 
@@ -425,6 +425,14 @@ pub fn frame_lf(msg: &[u8], out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn frames_count_octets_or_end_with_a_newline() {
+        let mut out = b"9 previous".to_vec();
+        frame_octet("é <14>1".as_bytes(), &mut out);
+        frame_lf(b"x", &mut out);
+        assert_eq!(out, "9 previous8 é <14>1x\n".as_bytes());
+    }
 
     fn fmt(format: SyslogFormat, max: usize) -> Formatter {
         Formatter {
