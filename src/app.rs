@@ -27,6 +27,7 @@ use crate::window;
 pub mod exit {
     pub const OK: u8 = 0;
     pub const USAGE: u8 = 64;
+    pub const DATAERR: u8 = 65;
     pub const SOFTWARE: u8 = 70;
     pub const CANTCREAT: u8 = 73;
     pub const IOERR: u8 = 74;
@@ -522,6 +523,57 @@ pub async fn dead_letters(cfg: Config, action: DeadLetterAction) -> Result<u8, A
             let n = store.select_dead_letters(sel.sink, sel.ids, true).await?;
             println!("{n} dead letter(s) deleted.");
         }
+    }
+    Ok(exit::OK)
+}
+
+/// `repair`: check every journal page against its segment file and,
+/// unless `dry_run`, drop the pages whose records cannot be read back, so
+/// that the daemon starts and its sinks deliver past them.
+pub async fn repair(cfg: Config, dry_run: bool) -> Result<u8, AppError> {
+    let lock = WriterLock::acquire(&cfg.state.path).map_err(AppError::Locked)?;
+    let path = cfg.state.path.clone();
+    let (pages, damaged) = tokio::task::spawn_blocking(move || Store::repair_journal(&path, !dry_run, &lock))
+        .await
+        .map_err(|e| AppError::Other(anyhow::anyhow!("repairing the journal: {e}")))??;
+    if damaged.is_empty() {
+        println!("The journal is sound: {pages} pages checked, every record readable.");
+        return Ok(exit::OK);
+    }
+    for d in &damaged {
+        println!(
+            "seq {}–{} ({}, {} records, the oldest created {}): {}",
+            d.first_seq,
+            d.first_seq + d.records - 1,
+            d.stream,
+            d.records,
+            window::fmt_rfc3339(d.min_created),
+            d.reason
+        );
+    }
+    let lost: i64 = damaged.iter().map(|d| d.records).sum();
+    if dry_run {
+        println!(
+            "{lost} records in {} of {pages} journal pages cannot be read back; `repair` (with the daemon \
+             stopped) drops those pages so that delivery goes on past them.",
+            damaged.len()
+        );
+        return Ok(exit::DATAERR);
+    }
+    println!("Dropped {} of {pages} journal pages: their {lost} records cannot be delivered.", damaged.len());
+    let mut oldest: Vec<(&str, i64)> = Vec::new();
+    for d in &damaged {
+        match oldest.iter_mut().find(|(s, _)| *s == d.stream) {
+            Some((_, t)) => *t = (*t).min(d.min_created),
+            None => oldest.push((&d.stream, d.min_created)),
+        }
+    }
+    for (stream, t) in oldest {
+        println!(
+            "To fetch them again while the API still has them: reset --stream {stream} --since {} \
+             (every {stream} record since then is delivered again).",
+            window::fmt_rfc3339(t)
+        );
     }
     Ok(exit::OK)
 }

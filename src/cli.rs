@@ -48,6 +48,13 @@ pub enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Check the journal's segment files against the state database and drop
+    /// the pages whose records cannot be read back (with the daemon stopped).
+    Repair {
+        /// Only report: exit 65 when a page is damaged, 0 when none is.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Probe readiness (`/readyz`): exit 0 when ready, 1 when not (for container health checks).
     Health {
         /// Base URL of the ops endpoints (default: from `[server] listen` in the config).

@@ -130,6 +130,10 @@ pub fn read(dir: &Path, no: u64, at: u64, len: usize) -> Result<Vec<u8>, String>
     Ok(buf)
 }
 
+/// What to do about a journal whose records cannot be read back.
+pub const REPAIR: &str = "If it cannot be restored, `opsera-shipper repair` (with the daemon stopped) drops the \
+                          journal pages whose records are lost, and says how to fetch them again";
+
 fn io_err(path: &Path, e: impl std::fmt::Display) -> String {
     format!("journal segment {}: {e}", path.display())
 }
@@ -166,14 +170,17 @@ impl Segments {
                         &path,
                         format!(
                             "{e}; it holds records not yet delivered. A state database must be kept (backed up, \
-                             moved, restored) together with its {} directory",
+                             moved, restored) together with its {} directory. {REPAIR}",
                             dir.display()
                         ),
                     )
                 })?
                 .len();
             if len < end {
-                return Err(io_err(&path, format!("{len} bytes, but {end} were committed: the filesystem lost data")));
+                return Err(io_err(
+                    &path,
+                    format!("{len} bytes, but {end} were committed: the filesystem lost data. {REPAIR}"),
+                ));
             }
         }
         let newest = existing.last().copied().max(committed.keys().last().copied()).unwrap_or(1);

@@ -258,6 +258,23 @@ pub struct SinkStatus {
     pub last_error: Option<String>,
 }
 
+/// The stream name `repair` gives a journal page whose records are lost: no
+/// sink receives it, so each passes over its seqs unread, and it is trimmed
+/// like any page once they all have.
+const LOST_PAGES: &str = "(lost)";
+
+/// A journal page whose records cannot be read back (see `repair_journal`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DamagedPage {
+    /// The page's first `seq`; it holds `records` from there on.
+    pub first_seq: i64,
+    pub records: i64,
+    pub stream: String,
+    /// The oldest `createdAt` (ms) among its records.
+    pub min_created: i64,
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub path: String,
@@ -367,6 +384,91 @@ impl Store {
         Self::open_with(path, false)
     }
 
+    /// Check every journal page against its segment file: present, long
+    /// enough, and holding the records its row says. With `drop`, the rows
+    /// of the pages that fail are deleted (one transaction), so that the
+    /// store opens and sinks deliver past them: their records are lost,
+    /// since their bytes are. The pages that failed, in order. Blocking;
+    /// `_lock` shows the caller holds the [`WriterLock`].
+    pub fn repair_journal(
+        path: &Path,
+        drop: bool,
+        _lock: &WriterLock,
+    ) -> Result<(usize, Vec<DamagedPage>), StoreError> {
+        let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
+        if !path.exists() {
+            return Err(StoreError::Other { path: path.display().to_string(), message: "no such file".into() });
+        }
+        let mut conn = Connection::open(path).map_err(sq)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sq)?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sq)?;
+        refuse_newer(version, path)?;
+        conn.execute_batch("PRAGMA synchronous = FULL;").map_err(sq)?;
+        migrate(&mut conn, path)?;
+        let dir = segments::dir_for(path);
+        let (mut pages, mut damaged) = (0, Vec::new());
+        {
+            let mut st = conn
+                .prepare(
+                    "SELECT first_seq, records, stream, segment, offset, len, min_created FROM journal_pages
+                     WHERE stream <> ?1 ORDER BY first_seq",
+                )
+                .map_err(sq)?;
+            let mut rows = st.query([LOST_PAGES]).map_err(sq)?;
+            while let Some(r) = rows.next().map_err(sq)? {
+                pages += 1;
+                let (first_seq, records, stream): (i64, i64, String) =
+                    (r.get(0).map_err(sq)?, r.get(1).map_err(sq)?, r.get(2).map_err(sq)?);
+                let (no, at, len, min_created): (i64, i64, i64, i64) =
+                    (r.get(3).map_err(sq)?, r.get(4).map_err(sq)?, r.get(5).map_err(sq)?, r.get(6).map_err(sq)?);
+                let problem = match segments::read(&dir, no as u64, at as u64, len as usize) {
+                    Err(e) => Some(e),
+                    Ok(buf) => {
+                        let mut frames = 0i64;
+                        let mut bad = None;
+                        for f in segments::decode(&buf) {
+                            match f {
+                                Ok(_) => frames += 1,
+                                Err(e) => {
+                                    bad = Some(e);
+                                    break;
+                                }
+                            }
+                        }
+                        match bad {
+                            Some(e) => Some(format!("journal segment {no}: {e}")),
+                            None if frames != records => {
+                                Some(format!("journal segment {no}: {frames} records where {records} should be"))
+                            }
+                            None => None,
+                        }
+                    }
+                };
+                if let Some(reason) = problem {
+                    damaged.push(DamagedPage { first_seq, records, stream, min_created, reason });
+                }
+            }
+        }
+        if drop && !damaged.is_empty() {
+            let tx = conn.transaction().map_err(sq)?;
+            {
+                // The row stays, its records' seqs passed over by every sink
+                // as another stream's (see LOST_PAGES), until trimmed.
+                let mut del = tx
+                    .prepare(
+                        "UPDATE journal_pages SET stream = ?2, segment = 0, offset = 0, len = 0, body_bytes = 0
+                         WHERE first_seq = ?1",
+                    )
+                    .map_err(sq)?;
+                for d in &damaged {
+                    del.execute(params![d.first_seq, LOST_PAGES]).map_err(sq)?;
+                }
+            }
+            tx.commit().map_err(sq)?;
+        }
+        Ok((pages, damaged))
+    }
+
     fn open_with(path: &Path, writer: bool) -> Result<Store, StoreError> {
         let err = |message: String| StoreError::Other { path: path.display().to_string(), message };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -417,10 +519,12 @@ impl Store {
         migrate(&mut conn, path)?;
         let segments = if writer {
             let mut committed = std::collections::BTreeMap::new();
-            let mut st =
-                conn.prepare("SELECT segment, max(offset + len) FROM journal_pages GROUP BY segment").map_err(sq)?;
-            let rows =
-                st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))).map_err(sq)?;
+            let mut st = conn
+                .prepare("SELECT segment, max(offset + len) FROM journal_pages WHERE stream <> ?1 GROUP BY segment")
+                .map_err(sq)?;
+            let rows = st
+                .query_map([LOST_PAGES], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))
+                .map_err(sq)?;
             for row in rows {
                 let (no, end) = row.map_err(sq)?;
                 committed.insert(no, end);
@@ -808,9 +912,10 @@ impl Store {
                 let stream = stream_name(name);
                 let buf = segments::read(&inner.segments_dir, no as u64, at as u64, len as usize)
                     .map(bytes::Bytes::from)
-                    .map_err(|message| other(inner, message))?;
-                let damaged =
-                    |what: String| other(inner, format!("journal segment {no} (page from seq {first}): {what}"));
+                    .map_err(|message| other(inner, format!("{message}. {}", segments::REPAIR)))?;
+                let damaged = |what: String| {
+                    other(inner, format!("journal segment {no} (page from seq {first}): {what}. {}", segments::REPAIR))
+                };
                 let mut frames = 0i64;
                 for frame in segments::decode(&buf) {
                     let seq = first + frames;
@@ -1440,7 +1545,8 @@ fn release(inner: &Inner, conn: &Connection, (records, bytes): (u64, u64)) {
         return;
     }
     if let Some(segs) = lock(&inner.segments).as_mut() {
-        match conn.query_row("SELECT min(segment) FROM journal_pages", [], |r| r.get::<_, Option<i64>>(0)) {
+        let min = "SELECT min(segment) FROM journal_pages WHERE stream <> ?1";
+        match conn.query_row(min, [LOST_PAGES], |r| r.get::<_, Option<i64>>(0)) {
             Ok(min) => segs.remove_before(min.map_or(segs.current(), |m| m as u64)),
             // Retried at the next trim.
             Err(e) => tracing::warn!(error = %sq(inner, e), "Cannot look up delivered journal segments."),
@@ -1839,6 +1945,77 @@ mod tests {
             std::fs::write(&seg, bytes).unwrap();
             let e = s.read_batch(0, u, 100, usize::MAX, 1).await.unwrap_err().to_string();
             assert!(e.contains("truncated frame at byte 0"), "{e}");
+        });
+    }
+
+    #[test]
+    fn repair_drops_only_the_pages_whose_records_cannot_be_read_back() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("s.db");
+            let s = with_sink_a(&p).await;
+            for page in 0..3 {
+                let recs = (0..5).map(|i| rec(&format!("p{page}r{i}"), page * 10 + i)).collect();
+                s.ingest("u", recs, (0, 0)).await.unwrap();
+            }
+            drop(s);
+            let page_at = |first: i64| -> (i64, i64) {
+                Connection::open(&p)
+                    .unwrap()
+                    .query_row("SELECT offset, len FROM journal_pages WHERE first_seq = ?1", [first], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .unwrap()
+            };
+            let seg = segments::dir_for(&p).join("0000000000000001.seg");
+            let seqs = |b: Batch| b.rows.iter().map(|r| r.seq).collect::<Vec<_>>();
+            let u: Arc<[String]> = Arc::from(vec!["u".to_string()]);
+
+            // The second page's bytes overwritten on disk: its first frame no longer parses.
+            let (at, _) = page_at(6);
+            let mut bytes = std::fs::read(&seg).unwrap();
+            bytes[at as usize + 4] = 0xff;
+            std::fs::write(&seg, bytes).unwrap();
+            let lock = WriterLock::acquire(&p).unwrap();
+            let (pages, damaged) = Store::repair_journal(&p, false, &lock).unwrap();
+            assert_eq!(pages, 3);
+            assert_eq!(damaged.len(), 1, "{damaged:?}");
+            assert_eq!((damaged[0].first_seq, damaged[0].records, damaged[0].min_created), (6, 5, 10));
+            assert!(damaged[0].reason.contains("truncated frame"), "{}", damaged[0].reason);
+            // A dry run changes nothing: reading still stops at that page, naming the way out.
+            let e = Store::open(&p).unwrap().read_batch(0, u.clone(), 100, usize::MAX, 1).await.unwrap_err();
+            assert!(e.to_string().contains("opsera-shipper repair"), "{e}");
+            let (_, damaged) = Store::repair_journal(&p, true, &lock).unwrap();
+            assert_eq!(damaged.len(), 1);
+            let (pages, damaged) = Store::repair_journal(&p, true, &lock).unwrap();
+            assert_eq!((pages, damaged.len()), (2, 0), "dropped once, sound after");
+            drop(lock);
+            let s = Store::open(&p).unwrap();
+            let b = s.read_batch(0, u.clone(), 100, usize::MAX, 1).await.unwrap();
+            assert_eq!(seqs(b), [1, 2, 3, 4, 5, 11, 12, 13, 14, 15]);
+            drop(s);
+
+            // The segment cut short inside the third page: the store no longer opens.
+            let (at, _) = page_at(11);
+            std::fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(at as u64 + 3).unwrap();
+            let e = Store::open(&p).err().expect("a short segment is refused").to_string();
+            assert!(e.contains("the filesystem lost data") && e.contains("opsera-shipper repair"), "{e}");
+            let lock = WriterLock::acquire(&p).unwrap();
+            let (_, damaged) = Store::repair_journal(&p, true, &lock).unwrap();
+            assert_eq!(damaged.iter().map(|d| d.first_seq).collect::<Vec<_>>(), [11]);
+            drop(lock);
+            let s = with_sink_a(&p).await;
+            let b = s.read_batch(0, u, 100, usize::MAX, 1).await.unwrap();
+            // A sink passes over the lost pages' seqs: it does not wait for them.
+            assert_eq!(b.last_seq, 15);
+            assert_eq!(seqs(b), [1, 2, 3, 4, 5]);
+            // Once delivered past, they are trimmed like any page.
+            s.commit_cursor("a", 15, None, 0).await.unwrap();
+            assert_eq!(s.backlog(), (0, 0));
+            // New pages go on after the old numbers.
+            s.ingest("u", vec![rec("late", 99)], (0, 0)).await.unwrap();
+            let b = s.read_batch(5, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
+            assert_eq!(seqs(b), [16]);
         });
     }
 

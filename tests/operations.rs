@@ -252,3 +252,59 @@ async fn a_second_sigterm_exits_at_once_and_a_restart_neither_loses_nor_repeats(
     assert!(o.status.success(), "{}", stderr(&o));
     h.assert_exactly_once();
 }
+
+/// A journal segment cut short while its records wait for a sink: the
+/// daemon refuses to start and names the way out; `repair --dry-run`
+/// reports the damage and changes nothing; `repair` drops exactly the pages
+/// that cannot be read back and says how to fetch them again; the rest is
+/// delivered once, and the `reset` it suggests brings back the lost ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_drops_the_pages_of_a_damaged_segment_and_says_how_to_fetch_them_again() {
+    let h = Harness::new(opts(300, 0)).await;
+    let streams = "[streams.token_activity]\nenabled = false\n[streams.user_activity]\npage_size = 100\n";
+    let full = h.config_with(&format!("{streams}[sinks.archive]\ntype = \"file\"\npath = \"/dev/full\"\n"));
+    let full = full.to_str().unwrap().to_string();
+    let o = h.run(&["once", "--timeout", "2s", "--config", &full]).await;
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+
+    let segs: Vec<_> = std::fs::read_dir(h.path("state.db.journal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    let f = std::fs::OpenOptions::new().write(true).open(&segs[0]).unwrap();
+    f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+
+    let o = h.run(&["once", "--config", &full]).await;
+    assert_eq!(o.status.code(), Some(74), "{}", stderr(&o));
+    assert!(stderr(&o).contains("the filesystem lost data") && stderr(&o).contains("opsera-shipper repair"));
+    let o = h.run(&["repair", "--dry-run", "--config", &full]).await;
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    assert!(stdout(&o).contains("cannot be read back"), "{}", stdout(&o));
+    let o = h.run(&["repair", "--config", &full]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lost: usize = out.split("their ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    assert!((1..300).contains(&lost), "{out}");
+    let since = out.split("--since ").nth(1).and_then(|r| r.split(' ').next()).unwrap().to_string();
+    let o = h.run(&["repair", "--dry-run", "--config", &full]).await;
+    assert!(o.status.success() && stdout(&o).contains("sound"), "{}", stdout(&o));
+
+    // Everything that could be read back is delivered, once.
+    let good = h.config(streams);
+    let good = good.to_str().unwrap();
+    let o = h.run(&["once", "--config", good]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids: Vec<String> = h.lines().iter().map(|l| id_of(l)).collect();
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (300 - lost, 300 - lost));
+    // The reset repair suggested fetches the lost records again.
+    let o = h.run(&["reset", "--stream", "user_activity", "--since", &since, "--config", good]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = h.run(&["once", "--config", good]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids: std::collections::HashSet<String> = h.lines().iter().map(|l| id_of(l)).collect();
+    let missing: Vec<_> = h.served().into_keys().filter(|id| !ids.contains(id)).collect();
+    assert!(missing.is_empty(), "{} still missing", missing.len());
+}
