@@ -197,7 +197,7 @@ mod tests {
                 .into(),
             })
             .collect();
-        assert!(rows.len() > 2 * super::super::LINES_PER_WRITE);
+        assert!(rows.len() > 2 * crate::sink::LINES_PER_WRITE);
         let pos = sink.deliver(&rows).await.unwrap().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text, LineFormat::default().render(&rows));
