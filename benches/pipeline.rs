@@ -195,6 +195,8 @@ fn write_config(dir: &Path, base_url: &str, both_streams: bool) -> PathBuf {
         ),
     )
     .unwrap();
+    // It holds the token inline: readable by its owner only (else the daemon warns at every start).
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     p
 }
 
