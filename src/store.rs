@@ -385,11 +385,12 @@ impl Store {
     }
 
     /// Check every journal page against its segment file: present, long
-    /// enough, and holding the records its row says. With `drop`, the rows
-    /// of the pages that fail are deleted (one transaction), so that the
-    /// store opens and sinks deliver past them: their records are lost,
-    /// since their bytes are. The pages that failed, in order. Blocking;
-    /// `_lock` shows the caller holds the [`WriterLock`].
+    /// enough, and holding the records its row says. With `drop`, the pages
+    /// that fail are marked lost (one transaction; see `LOST_PAGES`), so
+    /// that the store opens and sinks pass over them: their records are
+    /// lost, since their bytes are. How many pages were checked, and those
+    /// that failed, in order. Blocking; `_lock` shows the caller holds the
+    /// [`WriterLock`].
     pub fn repair_journal(
         path: &Path,
         drop: bool,
@@ -403,6 +404,9 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sq)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sq)?;
         refuse_newer(version, path)?;
+        if version == 0 {
+            return Ok((0, Vec::new())); // a new, empty database: no journal yet
+        }
         conn.execute_batch("PRAGMA synchronous = FULL;").map_err(sq)?;
         migrate(&mut conn, path)?;
         let dir = segments::dir_for(path);
@@ -454,14 +458,14 @@ impl Store {
             {
                 // The row stays, its records' seqs passed over by every sink
                 // as another stream's (see LOST_PAGES), until trimmed.
-                let mut del = tx
+                let mut mark = tx
                     .prepare(
                         "UPDATE journal_pages SET stream = ?2, segment = 0, offset = 0, len = 0, body_bytes = 0
                          WHERE first_seq = ?1",
                     )
                     .map_err(sq)?;
                 for d in &damaged {
-                    del.execute(params![d.first_seq, LOST_PAGES]).map_err(sq)?;
+                    mark.execute(params![d.first_seq, LOST_PAGES]).map_err(sq)?;
                 }
             }
             tx.commit().map_err(sq)?;
