@@ -108,7 +108,8 @@ pub fn dir_for(db: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-fn seg_path(dir: &Path, no: u64) -> PathBuf {
+/// Segment `no`'s file in `dir`.
+pub fn seg_path(dir: &Path, no: u64) -> PathBuf {
     dir.join(format!("{no:016}.seg"))
 }
 

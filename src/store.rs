@@ -425,9 +425,30 @@ impl Store {
                     (r.get(0).map_err(sq)?, r.get(1).map_err(sq)?, r.get(2).map_err(sq)?);
                 let (no, at, len, min_created): (i64, i64, i64, i64) =
                     (r.get(3).map_err(sq)?, r.get(4).map_err(sq)?, r.get(5).map_err(sq)?, r.get(6).map_err(sq)?);
-                let problem = match segments::read(&dir, no as u64, at as u64, len as usize) {
-                    Err(e) => Some(e),
-                    Ok(buf) => {
+                // Only a missing file, one too short, or bytes that do not
+                // decode mean lost records. Any other error (permissions, I/O)
+                // may pass: stop, and change nothing.
+                let seg = segments::seg_path(&dir, no as u64);
+                let abort = |e: String| StoreError::Other {
+                    path: path.display().to_string(),
+                    message: format!("{e}; repair stopped and changed nothing"),
+                };
+                let problem = match std::fs::metadata(&seg) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Some(format!("journal segment {}: missing", seg.display()))
+                    }
+                    Err(e) => return Err(abort(format!("journal segment {}: {e}", seg.display()))),
+                    Ok(m) if !m.is_file() => {
+                        return Err(abort(format!("journal segment {}: not a regular file", seg.display())));
+                    }
+                    Ok(m) if m.len() < (at + len) as u64 => Some(format!(
+                        "journal segment {}: {} bytes, but the page ends at byte {}",
+                        seg.display(),
+                        m.len(),
+                        at + len
+                    )),
+                    Ok(_) => {
+                        let buf = segments::read(&dir, no as u64, at as u64, len as usize).map_err(abort)?;
                         let mut frames = 0i64;
                         let mut bad = None;
                         for f in segments::decode(&buf) {
@@ -2020,6 +2041,29 @@ mod tests {
             s.ingest("u", vec![rec("late", 99)], (0, 0)).await.unwrap();
             let b = s.read_batch(5, Arc::from(vec!["u".to_string()]), 100, usize::MAX, 1).await.unwrap();
             assert_eq!(seqs(b), [16]);
+        });
+    }
+
+    #[test]
+    fn repair_stops_and_changes_nothing_when_a_segment_cannot_be_checked() {
+        rt().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("s.db");
+            let s = with_sink_a(&p).await;
+            s.ingest("u", (0..5).map(|i| rec(&format!("r{i}"), i)).collect(), (0, 0)).await.unwrap();
+            drop(s);
+            // Not lost, not short: something else is wrong, which repair must not take for lost records.
+            let seg = segments::dir_for(&p).join("0000000000000001.seg");
+            let kept = dir.path().join("kept.seg");
+            std::fs::rename(&seg, &kept).unwrap();
+            std::fs::create_dir(&seg).unwrap();
+            let lock = WriterLock::acquire(&p).unwrap();
+            let e = Store::repair_journal(&p, true, &lock).unwrap_err().to_string();
+            assert!(e.contains("not a regular file") && e.contains("changed nothing"), "{e}");
+            std::fs::remove_dir(&seg).unwrap();
+            std::fs::rename(&kept, &seg).unwrap();
+            let (pages, damaged) = Store::repair_journal(&p, false, &lock).unwrap();
+            assert_eq!((pages, damaged.len()), (1, 0), "{damaged:?}");
         });
     }
 
