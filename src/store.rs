@@ -1831,6 +1831,17 @@ mod tests {
         s.register_sinks(vec!["a".into()]).await.unwrap();
         s
     }
+
+    /// `with_sink_a`, with `pages` journal pages of stream "u" of 5 records
+    /// each (page n: seqs 5n+1.., `createdAt` 10n..).
+    async fn with_pages(db: &Path, pages: i64) -> Store {
+        let s = with_sink_a(db).await;
+        for page in 0..pages {
+            let recs = (0..5).map(|i| rec(&format!("p{page}r{i}"), page * 10 + i)).collect();
+            s.ingest("u", recs, (0, 0)).await.unwrap();
+        }
+        s
+    }
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
@@ -1978,12 +1989,7 @@ mod tests {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let p = dir.path().join("s.db");
-            let s = with_sink_a(&p).await;
-            for page in 0..3 {
-                let recs = (0..5).map(|i| rec(&format!("p{page}r{i}"), page * 10 + i)).collect();
-                s.ingest("u", recs, (0, 0)).await.unwrap();
-            }
-            drop(s);
+            drop(with_pages(&p, 3).await);
             let page_at = |first: i64| -> (i64, i64) {
                 Connection::open(&p)
                     .unwrap()
@@ -2049,9 +2055,7 @@ mod tests {
         rt().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let p = dir.path().join("s.db");
-            let s = with_sink_a(&p).await;
-            s.ingest("u", (0..5).map(|i| rec(&format!("r{i}"), i)).collect(), (0, 0)).await.unwrap();
-            drop(s);
+            drop(with_pages(&p, 1).await);
             // Not lost, not short: something else is wrong, which repair must not take for lost records.
             let seg = segments::dir_for(&p).join("0000000000000001.seg");
             let kept = dir.path().join("kept.seg");
