@@ -437,7 +437,7 @@ impl Dispatcher {
             match self.deliver_with_retry(&rows[r.clone()], cancel).await {
                 Attempt::Cancelled => return Delivered::Cancelled,
                 Attempt::Done(p) => pos = p.or(pos),
-                Attempt::Rejected { reason, status, bad_index } => {
+                Attempt::Rejected { reason, status, bad_index, kept_before } => {
                     if r.len() == 1 {
                         refused.push((r.start, reason, status));
                         continue;
@@ -446,7 +446,10 @@ impl Dispatcher {
                     match bad_index.filter(|i| *i < r.len()) {
                         Some(i) => {
                             let (a, b) = (r.start + i, r.start + i + 1);
-                            for part in [b..r.end, a..b, r.start..a] {
+                            // What the receiver kept is delivered (Splunk, with
+                            // splunk.assume_prefix_indexed); else it goes again.
+                            let before = if kept_before { a..a } else { r.start..a };
+                            for part in [b..r.end, a..b, before] {
                                 if !part.is_empty() {
                                     work.push_front(part);
                                 }
@@ -489,9 +492,9 @@ impl Dispatcher {
                     }
                     return Attempt::Done(pos);
                 }
-                Err(SinkError::Rejected { reason, status, bad_index }) => {
+                Err(SinkError::Rejected { reason, status, bad_index, kept_before }) => {
                     self.count_error("rejected");
-                    return Attempt::Rejected { reason, status, bad_index };
+                    return Attempt::Rejected { reason, status, bad_index, kept_before };
                 }
                 Err(SinkError::Retryable { reason, retry_after }) => {
                     self.count_error("retryable");
@@ -516,7 +519,7 @@ impl Dispatcher {
 
 enum Attempt {
     Done(Option<FilePos>),
-    Rejected { reason: String, status: Option<u16>, bad_index: Option<usize> },
+    Rejected { reason: String, status: Option<u16>, bad_index: Option<usize>, kept_before: bool },
     Cancelled,
 }
 

@@ -149,6 +149,49 @@ async fn splunk_hec_with_a_poison_record_dead_letters_only_it_and_retries_it() {
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap(), serde_json::json!([]));
 }
 
+/// Splunk itself indexes the events of a refused batch before the one it
+/// names. With `splunk.assume_prefix_indexed` they are not sent again, and
+/// every record arrives once; without it (the default, for receivers that
+/// keep nothing of a refused batch) exactly those arrive twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splunk_keeping_the_events_before_a_refused_one_gets_them_once_when_told() {
+    for assume in [true, false] {
+        let h = Harness::new(opts(400, 0)).await;
+        let r = Receiver::start(Mode::Hec).await;
+        let poison = h.sim.user_records()[137].0.clone();
+        {
+            let mut st = r.st();
+            (st.poison, st.keeps_prefix) = (Some(poison.clone()), true);
+        }
+        let cfg = h.config(&hook(
+            &r,
+            &format!(
+                "encoding = \"splunk_hec\"\nbatch_max_records = 200\n[streams.token_activity]\nenabled = false\n\
+                 [sinks.hook.splunk]\nassume_prefix_indexed = {assume}\n"
+            ),
+        ));
+        let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut served = h.served();
+        served.remove(&poison);
+        let (accepted, refused_at) = {
+            let st = r.st();
+            (st.accepted.clone(), st.refused_at.clone())
+        };
+        let ids: Vec<String> = accepted.iter().map(|t| id_of(t)).collect();
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), served.len(), "every record but the poison arrived");
+        // The first refusal named the poison's place in its batch of 200; the
+        // split that follows sends it alone (refused at 0).
+        assert!(refused_at.len() >= 2 && refused_at[1..].iter().all(|i| *i == 0), "{refused_at:?}");
+        let twice = ids.len() - unique.len();
+        assert_eq!(twice, if assume { 0 } else { refused_at[0] }, "assume_prefix_indexed = {assume}");
+        if assume {
+            assert_received_once(&r, &served);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_400_is_narrowed_down_by_splitting() {
     let h = Harness::new(opts(250, 0)).await;

@@ -968,11 +968,12 @@ fn render_webhook(o: &mut String, w: &WebhookConfig) {
         let sp = &w.splunk;
         let _ = writeln!(
             o,
-            "# splunk: index={:?} source={:?} sourcetype={:?} host={:?}",
+            "# splunk: index={:?} source={:?} sourcetype={:?} host={:?} assume_prefix_indexed={}",
             sp.index.as_deref().unwrap_or("(receiver default)"),
             sp.source,
             sp.sourcetype.as_deref().unwrap_or("opsera:<stream>"),
-            sp.host
+            sp.host,
+            sp.assume_prefix_indexed
         );
     }
 }

@@ -75,6 +75,7 @@ struct RawSplunk {
     source: Option<String>,
     sourcetype: Option<String>,
     host: Option<String>,
+    assume_prefix_indexed: Option<bool>,
 }
 
 /// A secret and, when it came from a file, where to read it again.
@@ -123,6 +124,11 @@ pub struct SplunkMeta {
     /// `None`: `opsera:<stream>`.
     pub sourcetype: Option<String>,
     pub host: String,
+    /// The receiver is Splunk itself, which indexes the events of a refused
+    /// batch before the one its `invalid-event-number` names: those are
+    /// not sent again. Off by default: other HEC receivers (the
+    /// OpenTelemetry Collector's) keep nothing of a refused batch.
+    pub assume_prefix_indexed: bool,
 }
 
 /// The validated webhook sink.
@@ -269,6 +275,7 @@ pub(super) fn validate(
         source: raw.splunk.source.unwrap_or_else(|| "opsera-shipper".into()),
         sourcetype: raw.splunk.sourcetype,
         host: raw.splunk.host.unwrap_or_else(hostname),
+        assume_prefix_indexed: raw.splunk.assume_prefix_indexed.unwrap_or(false),
     };
     Ok(WebhookConfig {
         url,

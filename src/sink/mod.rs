@@ -35,7 +35,14 @@ pub enum SinkError {
     /// names one when the receiver said which. A single refused record goes
     /// to dead letters.
     #[error("{reason}")]
-    Rejected { reason: String, status: Option<u16>, bad_index: Option<usize> },
+    Rejected {
+        reason: String,
+        status: Option<u16>,
+        bad_index: Option<usize>,
+        /// The receiver kept the records before `bad_index`: they are
+        /// delivered, not sent again.
+        kept_before: bool,
+    },
 }
 
 impl SinkError {

@@ -147,7 +147,13 @@ impl WebhookSink {
             300..=399 | 404 | 405 | 407 | 410 | 411 | 414 | 415 | 421 | 426 => {
                 SinkError::retry(format!("{what}; check sinks.{}.url and the receiver's setup", self.name))
             }
-            _ => SinkError::Rejected { reason: what, status: Some(code), bad_index: hec_invalid_event(body) },
+            _ => {
+                let bad_index = hec_invalid_event(body);
+                let kept_before = bad_index.is_some()
+                    && self.cfg.encoding == Encoding::SplunkHec
+                    && self.cfg.splunk.assume_prefix_indexed;
+                SinkError::Rejected { reason: what, status: Some(code), bad_index, kept_before }
+            }
         }
     }
 }

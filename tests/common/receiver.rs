@@ -49,6 +49,11 @@ pub struct RecvState {
     pub script: VecDeque<(u16, Option<u64>)>,
     /// Refuse any request holding a record with this `_id`.
     pub poison: Option<String>,
+    /// When refusing it, keep the records before it, as Splunk does (the
+    /// OpenTelemetry Collector's HEC receiver, like the default here, keeps none).
+    pub keeps_prefix: bool,
+    /// Where the poison record sat in each request refused for it.
+    pub refused_at: Vec<usize>,
     /// Required `Authorization` header value.
     pub auth: Option<String>,
 }
@@ -233,6 +238,11 @@ async fn handle(State(ctx): State<Ctx>, headers: HeaderMap, raw: Bytes) -> Respo
         && let Some(i) = recs.iter().position(|(id, _)| *id == p)
     {
         let text = format!("{{\"text\":\"Invalid data format\",\"code\":6,\"invalid-event-number\":{i}}}");
+        st.refused_at.push(i);
+        if st.keeps_prefix {
+            st.accepted.extend(recs[..i].iter().map(|(_, t)| t.clone()));
+            st.envelopes.extend(envs.into_iter().take(i));
+        }
         return reply(&mut st, req, 400, text, None);
     }
     st.accepted.extend(recs.into_iter().map(|(_, t)| t));
