@@ -264,7 +264,7 @@ pub struct SinkStatus {
 const LOST_PAGES: &str = "(lost)";
 
 /// A journal page whose records cannot be read back (see `repair_journal`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct DamagedPage {
     /// The page's first `seq`; it holds `records` from there on.
     pub first_seq: i64,
@@ -1832,15 +1832,18 @@ mod tests {
         s
     }
 
-    /// `with_sink_a`, with `pages` journal pages of stream "u" of 5 records
-    /// each (page n: seqs 5n+1.., `createdAt` 10n..).
-    async fn with_pages(db: &Path, pages: i64) -> Store {
-        let s = with_sink_a(db).await;
+    /// A closed state database `s.db` in a new temp directory, with sink a
+    /// and `pages` journal pages of stream "u" of 5 records each (page n:
+    /// seqs 5n+1.., `createdAt` 10n..).
+    async fn closed_with_pages(pages: i64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        let s = with_sink_a(&p).await;
         for page in 0..pages {
             let recs = (0..5).map(|i| rec(&format!("p{page}r{i}"), page * 10 + i)).collect();
             s.ingest("u", recs, (0, 0)).await.unwrap();
         }
-        s
+        (dir, p)
     }
     use proptest::prelude::*;
     use std::collections::BTreeSet;
@@ -1987,9 +1990,7 @@ mod tests {
     #[test]
     fn repair_drops_only_the_pages_whose_records_cannot_be_read_back() {
         rt().block_on(async {
-            let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("s.db");
-            drop(with_pages(&p, 3).await);
+            let (_dir, p) = closed_with_pages(3).await;
             let page_at = |first: i64| -> (i64, i64) {
                 Connection::open(&p)
                     .unwrap()
@@ -2053,9 +2054,7 @@ mod tests {
     #[test]
     fn repair_stops_and_changes_nothing_when_a_segment_cannot_be_checked() {
         rt().block_on(async {
-            let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("s.db");
-            drop(with_pages(&p, 1).await);
+            let (dir, p) = closed_with_pages(1).await;
             // Not lost, not short: something else is wrong, which repair must not take for lost records.
             let seg = segments::dir_for(&p).join("0000000000000001.seg");
             let kept = dir.path().join("kept.seg");
