@@ -97,7 +97,14 @@ fn append_durably(
 ) -> Result<FilePos, SinkError> {
     let before = position_of(path, f)?.offset;
     let mut w: &File = f;
-    let written = write_lines(&mut w, lines, rows).and_then(|()| f.sync_data());
+    // Each piece starts on its way to the disk as soon as it is written, so
+    // the fsync mostly finds it there.
+    let mut at = before;
+    let start_writeback = |n| {
+        crate::segments::start_writeback(f, at, n);
+        at += n;
+    };
+    let written = write_lines(&mut w, lines, rows, start_writeback).and_then(|()| f.sync_data());
     if let Err(e) = written {
         // Never leave a partial line behind: cut back (best effort) and retry later.
         let _ = f.set_len(before);

@@ -120,13 +120,20 @@ impl Default for Batching {
 /// 1024), so a batch is never copied into an output buffer first.
 const LINES_PER_WRITE: usize = 512;
 
-/// Write `rows` to `w` as JSON lines, straight from their journal pages.
-fn write_lines(w: &mut impl Write, lines: &LineFormat, rows: &[JournalRow]) -> std::io::Result<()> {
+/// Write `rows` to `w` as JSON lines, straight from their journal pages;
+/// `written` is told the length of each piece once it is written.
+fn write_lines(
+    w: &mut impl Write,
+    lines: &LineFormat,
+    rows: &[JournalRow],
+    mut written: impl FnMut(u64),
+) -> std::io::Result<()> {
     for piece in rows.chunks(LINES_PER_WRITE) {
         let texts: Vec<Cow<str>> = piece.iter().map(|r| lines.line(r)).collect();
         let mut slices: Vec<IoSlice> =
             texts.iter().flat_map(|t| [IoSlice::new(t.as_bytes()), IoSlice::new(b"\n")]).collect();
         write_all_vectored(w, &mut slices)?;
+        written(texts.iter().map(|t| t.len() as u64 + 1).sum());
     }
     Ok(())
 }
@@ -292,7 +299,7 @@ mod tests {
             })
             .collect();
         let mut w = Trickle { out: Vec::new(), calls: 0 };
-        write_lines(&mut w, &LineFormat::default(), &rows).unwrap();
+        write_lines(&mut w, &LineFormat::default(), &rows, |_| ()).unwrap();
         assert_eq!(String::from_utf8(w.out).unwrap(), LineFormat::default().render(&rows));
     }
 

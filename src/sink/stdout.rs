@@ -26,7 +26,7 @@ impl Sink for StdoutSink {
         let lines = self.lines.clone();
         off_workers(rows, move |rows| {
             let mut out = std::io::stdout().lock();
-            write_lines(&mut out, &lines, rows)
+            write_lines(&mut out, &lines, rows, |_| ())
                 .and_then(|()| out.flush())
                 .map_err(|e| SinkError::retry(format!("writing to stdout: {e}")))
         })
