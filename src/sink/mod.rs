@@ -299,7 +299,11 @@ mod tests {
             })
             .collect();
         let mut w = Trickle { out: Vec::new(), calls: 0 };
-        write_lines(&mut w, &LineFormat::default(), &rows, |_| ()).unwrap();
+        let mut pieces = Vec::new();
+        write_lines(&mut w, &LineFormat::default(), &rows, |n| pieces.push(n)).unwrap();
+        // Each piece's length is told, so the file sink's writeback hints follow the file.
+        assert_eq!(pieces.len(), rows.len().div_ceil(LINES_PER_WRITE));
+        assert_eq!(pieces.iter().sum::<u64>(), w.out.len() as u64);
         assert_eq!(String::from_utf8(w.out).unwrap(), LineFormat::default().render(&rows));
     }
 
