@@ -267,13 +267,29 @@ impl Segments {
         Ok(())
     }
 
-    /// Delete every segment before `no` (their pages are all delivered);
-    /// the one being written is kept.
-    pub fn remove_before(&mut self, no: u64) {
+    /// Take every segment before `no` (their pages are all delivered) off
+    /// the list, to be deleted with [`delete`] once no lock is held:
+    /// deleting a full segment takes 15-20 ms (the kernel drops its cached
+    /// pages and frees its blocks), which the writer connection should not
+    /// wait for. The one being written is kept. A segment whose deletion
+    /// fails goes back on the list with [`Segments::reattach`].
+    pub fn detach_before(&mut self, no: u64) -> Vec<u64> {
         let old: Vec<u64> = self.existing.range(..no).copied().filter(|n| *n != self.writer.no).collect();
-        for n in old {
-            self.remove(n);
+        for n in &old {
+            self.existing.remove(n);
         }
+        old
+    }
+
+    /// Put segments whose deletion failed back on the list, so the next
+    /// trim tries again.
+    pub fn reattach(&mut self, failed: &[u64]) {
+        self.existing.extend(failed);
+    }
+
+    /// The directory of the segments.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The segment being written.
@@ -282,18 +298,30 @@ impl Segments {
     }
 
     fn remove(&mut self, no: u64) {
-        let path = seg_path(&self.dir, no);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {
-                self.existing.remove(&no);
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.existing.remove(&no);
-            }
-            // Retried at the next trim; the bytes are only wasted space.
-            Err(e) => tracing::warn!(file = %path.display(), error = %e, "Cannot delete a delivered journal segment."),
+        let failed = delete(&self.dir, &[no]);
+        if failed.is_empty() {
+            self.existing.remove(&no);
         }
     }
+}
+
+/// Delete the segments `nos` in `dir`; those that could not be (the bytes
+/// are only wasted space, and the next trim tries again once they are
+/// reattached). A segment already gone counts as deleted.
+pub fn delete(dir: &Path, nos: &[u64]) -> Vec<u64> {
+    let mut failed = Vec::new();
+    for &no in nos {
+        let path = seg_path(dir, no);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "Cannot delete a delivered journal segment.");
+                failed.push(no);
+            }
+        }
+    }
+    failed
 }
 
 /// Start writing the whole 4 KiB blocks of `len` bytes at `at` to the disk
@@ -388,8 +416,19 @@ mod tests {
         let (no, at) = s.append(b"x", false).unwrap();
         assert_eq!((no, at), (2, 0));
         assert_eq!(read(&d, 1, 0, 5).unwrap(), b"hello");
-        s.remove_before(2);
+        let old = s.detach_before(2);
+        assert_eq!(old, vec![1]);
+        assert!(seg_path(&d, 1).exists(), "detached, not yet deleted");
+        assert!(s.detach_before(2).is_empty(), "detached once");
+        assert_eq!(delete(&d, &old), Vec::<u64>::new());
         assert!(!seg_path(&d, 1).exists() && seg_path(&d, 2).exists());
+        assert_eq!(delete(&d, &old), Vec::<u64>::new(), "already gone counts as deleted");
+        // One that cannot be deleted goes back on the list, for the next trim.
+        std::fs::create_dir_all(seg_path(&d, 1).join("x")).unwrap();
+        assert_eq!(delete(&d, &[1]), vec![1]);
+        s.reattach(&[1]);
+        assert_eq!(s.detach_before(2), vec![1]);
+        std::fs::remove_dir_all(seg_path(&d, 1)).unwrap();
         assert!(read(&d, 1, 0, 5).unwrap_err().contains("0000000000000001.seg"));
         drop(s);
         // A database restored without its segments says which file is missing and why it matters.

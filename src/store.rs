@@ -1010,13 +1010,18 @@ impl Store {
     pub async fn commit_cursor(&self, sink: &str, seq: i64, file: Option<FilePos>, now: i64) -> Result<(), StoreError> {
         let sink = sink.to_string();
         let trimmed = self
-            .run(move |inner, conn| {
-                // The cursor and the trim it allows commit together: one fsync a batch.
-                let tx = conn.transaction().map_err(|e| sq(inner, e))?;
-                save_cursor(&tx, &sink, seq, file, now).map_err(|e| sq(inner, e))?;
-                let freed = trim_in(inner, &tx)?;
-                tx.commit().map_err(|e| sq(inner, e))?;
-                release(inner, conn, freed);
+            .blocking(move |inner| {
+                let detached = {
+                    let mut conn = inner.writer();
+                    // The cursor and the trim it allows commit together: one fsync a batch.
+                    let tx = conn.transaction().map_err(|e| sq(inner, e))?;
+                    save_cursor(&tx, &sink, seq, file, now).map_err(|e| sq(inner, e))?;
+                    let freed = trim_in(inner, &tx)?;
+                    tx.commit().map_err(|e| sq(inner, e))?;
+                    release(inner, &conn, freed)
+                };
+                // With the connection let go: the storer need not wait for it.
+                detached.delete(inner);
                 Ok(())
             })
             .await;
@@ -1360,7 +1365,7 @@ fn trim(inner: &Inner, conn: &mut Connection) -> Result<(), StoreError> {
     let tx = conn.transaction().map_err(|e| sq(inner, e))?;
     let freed = trim_in(inner, &tx)?;
     tx.commit().map_err(|e| sq(inner, e))?;
-    release(inner, conn, freed);
+    release(inner, conn, freed).delete(inner);
     Ok(())
 }
 
@@ -1582,18 +1587,43 @@ fn other(inner: &Inner, message: impl Into<String>) -> StoreError {
 
 /// After a trim committed: update the counters and delete the segments
 /// no page refers to any more.
-fn release(inner: &Inner, conn: &Connection, (records, bytes): (u64, u64)) {
+fn release(inner: &Inner, conn: &Connection, (records, bytes): (u64, u64)) -> Detached {
     inner.journal_records.fetch_sub(records, Ordering::Relaxed);
     inner.journal_bytes.fetch_sub(bytes, Ordering::Relaxed);
     if records == 0 {
-        return;
+        return Detached::default();
     }
     if let Some(segs) = lock(&inner.segments).as_mut() {
         let min = "SELECT min(segment) FROM journal_pages WHERE stream <> ?1";
         match conn.query_row(min, [LOST_PAGES], |r| r.get::<_, Option<i64>>(0)) {
-            Ok(min) => segs.remove_before(min.map_or(segs.current(), |m| m as u64)),
+            Ok(min) => {
+                let nos = segs.detach_before(min.map_or(segs.current(), |m| m as u64));
+                return Detached { dir: Some(segs.dir().to_path_buf()), nos };
+            }
             // Retried at the next trim.
             Err(e) => tracing::warn!(error = %sq(inner, e), "Cannot look up delivered journal segments."),
+        }
+    }
+    Detached::default()
+}
+
+/// Journal segments every sink has passed, off the list and to be deleted
+/// once the writer connection and the segments' lock are let go.
+#[derive(Default)]
+#[must_use = "detached segments are deleted with `delete`"]
+struct Detached {
+    dir: Option<PathBuf>,
+    nos: Vec<u64>,
+}
+
+impl Detached {
+    fn delete(self, inner: &Inner) {
+        let Some(dir) = self.dir.filter(|_| !self.nos.is_empty()) else { return };
+        let failed = segments::delete(&dir, &self.nos);
+        if !failed.is_empty()
+            && let Some(segs) = lock(&inner.segments).as_mut()
+        {
+            segs.reattach(&failed);
         }
     }
 }
