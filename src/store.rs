@@ -1585,8 +1585,9 @@ fn other(inner: &Inner, message: impl Into<String>) -> StoreError {
     StoreError::Other { path: inner.path.display().to_string(), message: message.into() }
 }
 
-/// After a trim committed: update the counters and delete the segments
-/// no page refers to any more.
+/// After a trim committed: update the counters and take the segments no
+/// page refers to any more off the list, to be deleted with
+/// [`Detached::delete`] once the locks are let go.
 fn release(inner: &Inner, conn: &Connection, (records, bytes): (u64, u64)) -> Detached {
     inner.journal_records.fetch_sub(records, Ordering::Relaxed);
     inner.journal_bytes.fetch_sub(bytes, Ordering::Relaxed);
