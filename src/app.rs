@@ -561,12 +561,10 @@ pub async fn repair(cfg: Config, dry_run: bool) -> Result<u8, AppError> {
         return Ok(exit::DATAERR);
     }
     println!("Dropped {} of {pages} journal pages: their {lost} records cannot be delivered.", damaged.len());
-    let mut oldest: Vec<(&str, i64)> = Vec::new();
+    let mut oldest = std::collections::BTreeMap::<&str, i64>::new();
     for d in &damaged {
-        match oldest.iter_mut().find(|(s, _)| *s == d.stream) {
-            Some((_, t)) => *t = (*t).min(d.min_created),
-            None => oldest.push((&d.stream, d.min_created)),
-        }
+        let t = oldest.entry(&d.stream).or_insert(d.min_created);
+        *t = (*t).min(d.min_created);
     }
     for (stream, t) in oldest {
         println!(

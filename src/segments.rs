@@ -287,11 +287,6 @@ impl Segments {
         self.existing.extend(failed);
     }
 
-    /// The directory of the segments.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The segment being written.
     pub fn current(&self) -> u64 {
         self.writer.no

@@ -419,10 +419,7 @@ impl Store {
         if !path.exists() {
             return Err(StoreError::Other { path: path.display().to_string(), message: "no such file".into() });
         }
-        let mut conn = Connection::open(path).map_err(sq)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sq)?;
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sq)?;
-        refuse_newer(version, path)?;
+        let (mut conn, version) = connect(path)?;
         if version == 0 {
             return Ok((0, Vec::new())); // a new, empty database: no journal yet
         }
@@ -520,11 +517,7 @@ impl Store {
         }
         open_private(path).map_err(|e| err(format!("cannot create the file: {e}")))?;
         let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
-        let mut conn = Connection::open(path).map_err(sq)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sq)?;
-        // Refuse a newer schema before changing anything, even the journal mode.
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sq)?;
-        refuse_newer(version, path)?;
+        let (mut conn, version) = connect(path)?;
         // A new database gets 16 KiB pages: a page holds ~30 records instead
         // of ~8, so each insert, delete and WAL frame does less work per byte.
         // (An existing database keeps its page size; it must be set before WAL.)
@@ -1597,10 +1590,7 @@ fn release(inner: &Inner, conn: &Connection, (records, bytes): (u64, u64)) -> De
     if let Some(segs) = lock(&inner.segments).as_mut() {
         let min = "SELECT min(segment) FROM journal_pages WHERE stream <> ?1";
         match conn.query_row(min, [LOST_PAGES], |r| r.get::<_, Option<i64>>(0)) {
-            Ok(min) => {
-                let nos = segs.detach_before(min.map_or(segs.current(), |m| m as u64));
-                return Detached { dir: Some(segs.dir().to_path_buf()), nos };
-            }
+            Ok(min) => return Detached(segs.detach_before(min.map_or(segs.current(), |m| m as u64))),
             // Retried at the next trim.
             Err(e) => tracing::warn!(error = %sq(inner, e), "Cannot look up delivered journal segments."),
         }
@@ -1612,15 +1602,11 @@ fn release(inner: &Inner, conn: &Connection, (records, bytes): (u64, u64)) -> De
 /// once the writer connection and the segments' lock are let go.
 #[derive(Default)]
 #[must_use = "detached segments are deleted with `delete`"]
-struct Detached {
-    dir: Option<PathBuf>,
-    nos: Vec<u64>,
-}
+struct Detached(Vec<u64>);
 
 impl Detached {
     fn delete(self, inner: &Inner) {
-        let Some(dir) = self.dir.filter(|_| !self.nos.is_empty()) else { return };
-        let failed = segments::delete(&dir, &self.nos);
+        let failed = segments::delete(&inner.segments_dir, &self.0);
         if !failed.is_empty()
             && let Some(segs) = lock(&inner.segments).as_mut()
         {
@@ -1639,6 +1625,18 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(sq)?;
     }
     tx.commit().map_err(sq)
+}
+
+/// A connection to the state database at `path`, and its schema version,
+/// refused (before anything changes, even the journal mode) when a newer
+/// build wrote it.
+fn connect(path: &Path) -> Result<(Connection, i64), StoreError> {
+    let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
+    let conn = Connection::open(path).map_err(sq)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sq)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sq)?;
+    refuse_newer(version, path)?;
+    Ok((conn, version))
 }
 
 fn refuse_newer(version: i64, path: &Path) -> Result<(), StoreError> {
