@@ -33,6 +33,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+mod fsutil;
 pub mod health;
 pub mod http;
 mod lenient;

@@ -237,7 +237,7 @@ impl Segments {
             return Err(io_err(&seg_path(&self.dir, w.no), e));
         }
         w.end = at + bytes.len() as u64;
-        start_writeback(&w.file, at, bytes.len() as u64);
+        crate::fsutil::start_writeback(&w.file, at, bytes.len() as u64);
         Ok((w.no, at))
     }
 
@@ -319,56 +319,17 @@ pub fn delete(dir: &Path, nos: &[u64]) -> Vec<u64> {
     failed
 }
 
-/// Start writing the whole 4 KiB blocks of `len` bytes at `at` to the disk
-/// now, without waiting, so that a later `fdatasync` finds most of them
-/// written (a block left partly filled goes with a later hint or with the
-/// `fdatasync`). Only a hint: the `fdatasync` still makes them durable, and
-/// an error here changes nothing.
-pub fn start_writeback(file: &File, at: u64, len: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        if let Some((from, len)) = whole_blocks(at, len) {
-            // SAFETY: a plain syscall on an open descriptor; it touches no memory of ours.
-            unsafe {
-                libc::sync_file_range(file.as_raw_fd(), from as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (file, at, len);
-}
-
-/// The whole 4 KiB blocks that `len` bytes at `at` fill: from where the
-/// block holding `at` starts up to the last block they complete (the block
-/// before `at` was completed by the write before); `None` if they complete
-/// none.
-fn whole_blocks(at: u64, len: u64) -> Option<(u64, u64)> {
-    let (from, to) = (at & !4095, (at + len) & !4095);
-    (to > from).then_some((from, to - from))
-}
-
 fn sync_dir(dir: &Path) -> Result<(), String> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("cannot sync directory {}: {e}", dir.display()))
 }
 
 fn open_rw(path: &Path) -> Result<File, String> {
-    crate::store::open_private(path).map_err(|e| io_err(path, e))
+    crate::fsutil::open_private(path).map_err(|e| io_err(path, e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn writeback_hints_cover_the_blocks_a_write_completes() {
-        assert_eq!(whole_blocks(0, 4095), None);
-        assert_eq!(whole_blocks(0, 4096), Some((0, 4096)));
-        assert_eq!(whole_blocks(100, 4000), Some((0, 4096)), "completes the block it started in");
-        assert_eq!(whole_blocks(5000, 100), None);
-        assert_eq!(whole_blocks(5000, 10_000), Some((4096, 2 * 4096)), "up to 15000: blocks 1 and 2");
-        assert_eq!(whole_blocks(8192, 0), None);
-    }
 
     #[test]
     fn frames_round_trip_and_damage_is_reported() {

@@ -360,10 +360,11 @@ impl WriterLock {
         let path = PathBuf::from(path);
         let err = |message: String| StoreError::Other { path: db.display().to_string(), message };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            create_private_dir(dir).map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
+            crate::fsutil::create_private_dir(dir)
+                .map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
         }
-        let mut file =
-            open_private(&path).map_err(|e| err(format!("cannot open lock file {}: {e}", path.display())))?;
+        let mut file = crate::fsutil::open_private(&path)
+            .map_err(|e| err(format!("cannot open lock file {}: {e}", path.display())))?;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let mut holder = String::new();
@@ -513,9 +514,10 @@ impl Store {
     fn open_with(path: &Path, writer: bool) -> Result<Store, StoreError> {
         let err = |message: String| StoreError::Other { path: path.display().to_string(), message };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            create_private_dir(dir).map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
+            crate::fsutil::create_private_dir(dir)
+                .map_err(|e| err(format!("cannot create directory {}: {e}", dir.display())))?;
         }
-        open_private(path).map_err(|e| err(format!("cannot create the file: {e}")))?;
+        crate::fsutil::open_private(path).map_err(|e| err(format!("cannot create the file: {e}")))?;
         let sq = |source| StoreError::Sqlite { path: path.display().to_string(), source };
         let (mut conn, version) = connect(path)?;
         // A new database gets 16 KiB pages: a page holds ~30 records instead
@@ -1927,21 +1929,6 @@ fn sq(inner: &Inner, source: rusqlite::Error) -> StoreError {
 /// Lock a mutex, recovering from poisoning (a panicked holder leaves SQLite consistent).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)
-}
-
-/// Open `path` for reading and writing, creating it with mode 0600 if needed
-/// (never truncated).
-pub(crate) fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
 }
 
 #[cfg(test)]

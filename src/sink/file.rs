@@ -50,12 +50,8 @@ impl FileSink {
 }
 
 fn open_append(path: &std::path::Path) -> Result<File, SinkError> {
-    use std::os::unix::fs::DirBuilderExt;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o750)
-            .create(dir)
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::fsutil::create_private_dir(dir)
             .map_err(|e| SinkError::retry(format!("creating directory {}: {e}", dir.display())))?;
     }
     OpenOptions::new()
@@ -101,7 +97,7 @@ fn append_durably(
     // the fsync mostly finds it there.
     let mut at = before;
     let start_writeback = |n| {
-        crate::segments::start_writeback(f, at, n);
+        crate::fsutil::start_writeback(f, at, n);
         at += n;
     };
     let written = write_lines(&mut w, lines, rows, start_writeback).and_then(|()| f.sync_data());
