@@ -268,13 +268,13 @@ async fn retry_after_is_honoured() {
     assert!(gap >= Duration::from_secs(2), "retried {gap:?} after a 429 with Retry-After: 2");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_credentials_hold_the_sink_and_lose_nothing() {
+/// A receiver that takes only `Bearer new-token`, and a config whose sink
+/// reads its bearer token from the file returned (not written yet).
+async fn bearer_token_setup() -> (Harness, Receiver, std::path::PathBuf, std::path::PathBuf) {
     let h = Harness::new(opts(50, 0)).await;
     let r = Receiver::start(Mode::Ndjson).await;
     r.st().auth = Some("Bearer new-token".into());
     let tf = h.path("bearer");
-    std::fs::write(&tf, "old-token\n").unwrap();
     let cfg = h.config(&hook(
         &r,
         &format!(
@@ -282,6 +282,13 @@ async fn rejected_credentials_hold_the_sink_and_lose_nothing() {
             tf.display().to_string()
         ),
     ));
+    (h, r, tf, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_credentials_hold_the_sink_and_lose_nothing() {
+    let (h, r, tf, cfg) = bearer_token_setup().await;
+    std::fs::write(&tf, "old-token\n").unwrap();
     let o = h.run(&["once", "--timeout", "2s", "--config", cfg.to_str().unwrap()]).await;
     assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
     assert!(stderr(&o).contains("refused sinks.hook.auth credentials"), "{}", stderr(&o));
@@ -292,6 +299,28 @@ async fn rejected_credentials_hold_the_sink_and_lose_nothing() {
     // The secret rotated on disk: the next run delivers everything.
     std::fs::write(&tf, "new-token\n").unwrap();
     let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_received_once(&r, &h.served());
+}
+
+/// A credential file rewritten during a run without its modification time
+/// changing (as when it is rewritten within one tick of the file system's
+/// clock): the refusal makes the sink read it again, and the records go out
+/// in the same run, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_credential_is_read_again_even_when_its_file_time_is_unchanged() {
+    let (h, r, tf, cfg) = bearer_token_setup().await;
+    let write = |value: &str| {
+        std::fs::write(&tf, value).unwrap();
+        let stamp = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        std::fs::File::options().write(true).open(&tf).unwrap().set_modified(stamp).unwrap();
+    };
+    write("old-token\n");
+    let args: Vec<String> = ["once", "--timeout", "60s", "--config", cfg.to_str().unwrap()].map(String::from).into();
+    let run = tokio::spawn(async move { run_bin(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await });
+    wait_until("the receiver refused the old token", || r.st().requests.iter().any(|q| q.status == 401)).await;
+    write("new-token\n");
+    let o = run.await.unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_received_once(&r, &h.served());
 }

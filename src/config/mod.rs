@@ -15,10 +15,12 @@ use serde::Deserialize;
 
 use crate::lenient;
 
+mod secret;
 mod syslog;
 mod webhook;
+pub use secret::SecretSource;
 pub use syslog::{Framing, SyslogConfig, SyslogFormat, Transport};
-pub use webhook::{Encoding, SecretSource, Signing, SplunkMeta, WebhookAuth, WebhookConfig, hostname};
+pub use webhook::{Encoding, Signing, SplunkMeta, WebhookAuth, WebhookConfig, hostname};
 
 /// Where the config is read from when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/opsera-shipper/config.toml";
@@ -764,16 +766,9 @@ impl Config {
             let key = |k: &str| format!("sinks.{}.{k}", s.name);
             match &s.kind {
                 SinkKind::Webhook(w) => {
-                    let auth = match &w.auth {
-                        WebhookAuth::Bearer(x) => Some(("auth.bearer_token_file", x)),
-                        WebhookAuth::Basic { password, .. } => Some(("auth.basic_password_file", password)),
-                        WebhookAuth::Splunk(x) => Some(("auth.splunk_token_file", x)),
-                        WebhookAuth::None => None,
-                    };
-                    let signing = w.signing.as_ref().map(|g| ("signing.secret_file", &g.secret));
-                    for (k, src) in auth.into_iter().chain(signing) {
-                        if let Some(p) = &src.file {
-                            out.push((key(k), p.clone()));
+                    for (k, src) in w.secrets() {
+                        if let Some(p) = src.file() {
+                            out.push((key(k), p.to_path_buf()));
                         }
                     }
                     if let Some(p) = &w.key_file {
@@ -810,15 +805,7 @@ impl Config {
         }
         let inline = self.api.token_source == "api.token"
             || self.sinks.iter().any(|s| match &s.kind {
-                SinkKind::Webhook(w) => {
-                    let auth = match &w.auth {
-                        WebhookAuth::Bearer(x) | WebhookAuth::Splunk(x) | WebhookAuth::Basic { password: x, .. } => {
-                            Some(x)
-                        }
-                        WebhookAuth::None => None,
-                    };
-                    auth.into_iter().chain(w.signing.as_ref().map(|g| &g.secret)).any(|x| x.file.is_none())
-                }
+                SinkKind::Webhook(w) => w.secrets().any(|(_, x)| x.file().is_none()),
                 _ => false,
             });
         if inline && let Some(m) = mode(&self.source).filter(|m| m & 0o004 != 0) {

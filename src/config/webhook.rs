@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{Secret, bytes_key, check_http_url, duration_key, read_secret_file, resolve};
+use super::{Secret, SecretSource, bytes_key, check_http_url, duration_key, read_secret_file, resolve};
 use crate::lenient;
 
 #[derive(Debug, Deserialize)]
@@ -78,24 +78,6 @@ struct RawSplunk {
     assume_prefix_indexed: Option<bool>,
 }
 
-/// A secret and, when it came from a file, where to read it again.
-#[derive(Debug, Clone)]
-pub struct SecretSource {
-    pub file: Option<PathBuf>,
-    pub value: Secret,
-}
-
-impl SecretSource {
-    /// The current value: re-read from the file when there is one (rotation),
-    /// falling back to the last good value if the file cannot be read now.
-    pub fn current(&self) -> Secret {
-        match &self.file {
-            Some(p) => read_secret_file(p).unwrap_or_else(|_| self.value.clone()),
-            None => self.value.clone(),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
     Ndjson,
@@ -155,6 +137,20 @@ pub struct WebhookConfig {
     pub splunk: SplunkMeta,
 }
 
+impl WebhookConfig {
+    /// The credential and the signing secret, each with the key of the file
+    /// it is read from (relative to `sinks.NAME.`).
+    pub fn secrets(&self) -> impl Iterator<Item = (&'static str, &SecretSource)> {
+        let auth = match &self.auth {
+            WebhookAuth::Bearer(x) => Some(("auth.bearer_token_file", x)),
+            WebhookAuth::Basic { password, .. } => Some(("auth.basic_password_file", password)),
+            WebhookAuth::Splunk(x) => Some(("auth.splunk_token_file", x)),
+            WebhookAuth::None => None,
+        };
+        auth.into_iter().chain(self.signing.as_ref().map(|g| ("signing.secret_file", &g.secret)))
+    }
+}
+
 pub(super) fn validate(
     name: &str,
     raw: RawWebhookSink,
@@ -205,12 +201,12 @@ pub(super) fn validate(
         if let Some(p) = file {
             let p = resolve(base_dir, p);
             let value = read_secret_file(&p).map_err(|m| format!("{}: {m}", key(&format!("{k}_file"))))?;
-            return Ok(Some(SecretSource { file: Some(p), value }));
+            return Ok(Some(SecretSource::new(value, Some(p))));
         }
         Ok(inline
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
-            .map(|s| SecretSource { file: None, value: Secret::new(s) }))
+            .map(|s| SecretSource::new(Secret::new(s), None)))
     };
     let a = raw.auth;
     let bearer = secret(a.bearer_token_file, a.bearer_token, "auth.bearer_token")?;

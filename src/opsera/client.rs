@@ -53,61 +53,13 @@ impl ApiError {
     }
 }
 
-/// The API token, re-read from its file when the file changes (a rotated
-/// Kubernetes secret or systemd credential needs no restart).
-pub struct Token {
-    file: Option<std::path::PathBuf>,
-    state: std::sync::Mutex<(Secret, Option<std::time::SystemTime>)>,
-}
-
-impl Token {
-    pub fn new(value: Secret, file: Option<std::path::PathBuf>) -> Self {
-        let mtime = file.as_ref().and_then(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok());
-        Self { file, state: std::sync::Mutex::new((value, mtime)) }
-    }
-
-    /// The current token (re-read if the file's modification time changed).
-    pub fn current(&self) -> Secret {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = &self.file {
-            let mtime = std::fs::metadata(f).and_then(|m| m.modified()).ok();
-            if mtime.is_some() && mtime != st.1 {
-                match crate::config::read_secret_file(f) {
-                    Ok(t) => {
-                        if t != st.0 {
-                            tracing::info!(file = %f.display(), "API token file changed; using the new token.");
-                        }
-                        *st = (t, mtime);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Cannot re-read the API token file; keeping the previous token.")
-                    }
-                }
-            }
-        }
-        st.0.clone()
-    }
-
-    /// Re-read the file now; true when the token changed.
-    pub fn reload(&self) -> bool {
-        let Some(f) = &self.file else { return false };
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match crate::config::read_secret_file(f) {
-            Ok(t) if t != st.0 => {
-                *st = (t, std::fs::metadata(f).and_then(|m| m.modified()).ok());
-                true
-            }
-            _ => false,
-        }
-    }
-}
-
 /// A client for one Opsera tenant.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base_url: String,
-    token: std::sync::Arc<Token>,
+    /// Re-read from its file when the file changes.
+    token: crate::config::SecretSource,
     max_response_bytes: u64,
     max_retries: u32,
     min_delay: Duration,
@@ -117,7 +69,7 @@ pub struct Client {
 impl Client {
     /// Build a client from validated config; `token` must be present.
     pub fn new(cfg: &ApiConfig, token: Secret) -> anyhow::Result<Self> {
-        let token = std::sync::Arc::new(Token::new(token, cfg.token_file.clone()));
+        let token = crate::config::SecretSource::new(token, cfg.token_file.clone());
         let mut b = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))

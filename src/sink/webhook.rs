@@ -139,8 +139,11 @@ impl WebhookSink {
             408 | 429 | 500..=599 => SinkError::Retryable { reason: what, retry_after },
             401 | 403 => {
                 crate::health::Health::get().sink_credentials_refused(&self.name, &what);
+                // Read the secret files again for the retry, even if their
+                // time says unchanged (rewritten within one tick of its clock).
+                self.cfg.secrets().for_each(|(_, s)| _ = s.reload());
                 SinkError::retry(format!(
-                    "{what}; the receiver refused sinks.{}.auth credentials (secret files are re-read on every request)",
+                    "{what}; the receiver refused sinks.{}.auth credentials (secret files are read again after a refusal and whenever they change)",
                     self.name
                 ))
             }
