@@ -530,50 +530,106 @@ pub async fn dead_letters(cfg: Config, action: DeadLetterAction) -> Result<u8, A
 /// `repair`: check every journal page against its segment file and,
 /// unless `dry_run`, drop the pages whose records cannot be read back, so
 /// that the daemon starts and its sinks deliver past them.
-pub async fn repair(cfg: Config, dry_run: bool) -> Result<u8, AppError> {
+pub async fn repair(cfg: Config, dry_run: bool, json: bool) -> Result<u8, AppError> {
     let lock = WriterLock::acquire(&cfg.state.path).map_err(AppError::Locked)?;
     let path = cfg.state.path.clone();
     let (pages, damaged) = tokio::task::spawn_blocking(move || Store::repair_journal(&path, !dry_run, &lock))
         .await
         .map_err(|e| AppError::Other(anyhow::anyhow!("repairing the journal: {e}")))??;
-    if damaged.is_empty() {
-        println!("The journal is sound: {pages} pages checked, every record readable.");
-        return Ok(exit::OK);
+    let report = RepairReport::new(pages, &damaged, !dry_run);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| AppError::Other(e.into()))?);
+    } else {
+        report.print();
     }
-    for d in &damaged {
-        println!(
-            "seq {}–{} ({}, {} records, the oldest created {}): {}",
-            d.first_seq,
-            d.first_seq + d.records - 1,
-            d.stream,
-            d.records,
-            window::fmt_rfc3339(d.min_created),
-            d.reason
-        );
+    Ok(if dry_run && !damaged.is_empty() { exit::DATAERR } else { exit::OK })
+}
+
+/// What `repair` found, and did.
+#[derive(serde::Serialize)]
+struct RepairReport {
+    pages_checked: usize,
+    /// The damaged pages were dropped (not a dry run).
+    dropped: bool,
+    damaged: Vec<RepairedPage>,
+    lost_records: i64,
+    /// Per stream, the `reset` that fetches its lost records again.
+    reset: Vec<ResetHint>,
+}
+
+#[derive(serde::Serialize)]
+struct RepairedPage {
+    first_seq: i64,
+    last_seq: i64,
+    stream: String,
+    records: i64,
+    oldest_created: String,
+    reason: String,
+}
+
+#[derive(serde::Serialize)]
+struct ResetHint {
+    stream: String,
+    since: String,
+}
+
+impl RepairReport {
+    fn new(pages_checked: usize, damaged: &[crate::store::DamagedPage], dropped: bool) -> Self {
+        let mut oldest = std::collections::BTreeMap::<&str, i64>::new();
+        for d in damaged {
+            let t = oldest.entry(&d.stream).or_insert(d.min_created);
+            *t = (*t).min(d.min_created);
+        }
+        Self {
+            pages_checked,
+            dropped: dropped && !damaged.is_empty(),
+            damaged: damaged
+                .iter()
+                .map(|d| RepairedPage {
+                    first_seq: d.first_seq,
+                    last_seq: d.first_seq + d.records - 1,
+                    stream: d.stream.clone(),
+                    records: d.records,
+                    oldest_created: window::fmt_rfc3339(d.min_created),
+                    reason: d.reason.clone(),
+                })
+                .collect(),
+            lost_records: damaged.iter().map(|d| d.records).sum(),
+            reset: oldest
+                .into_iter()
+                .map(|(stream, t)| ResetHint { stream: stream.to_string(), since: window::fmt_rfc3339(t) })
+                .collect(),
+        }
     }
-    let lost: i64 = damaged.iter().map(|d| d.records).sum();
-    if dry_run {
-        println!(
-            "{lost} records in {} of {pages} journal pages cannot be read back; `repair` (with the daemon \
-             stopped) drops those pages so that delivery goes on past them.",
-            damaged.len()
-        );
-        return Ok(exit::DATAERR);
+
+    fn print(&self) {
+        let pages = self.pages_checked;
+        if self.damaged.is_empty() {
+            println!("The journal is sound: {pages} pages checked, every record readable.");
+            return;
+        }
+        for d in &self.damaged {
+            println!(
+                "seq {}–{} ({}, {} records, the oldest created {}): {}",
+                d.first_seq, d.last_seq, d.stream, d.records, d.oldest_created, d.reason
+            );
+        }
+        let (lost, n) = (self.lost_records, self.damaged.len());
+        if !self.dropped {
+            println!(
+                "{lost} records in {n} of {pages} journal pages cannot be read back; `repair` (with the daemon \
+                 stopped) drops those pages so that delivery goes on past them."
+            );
+            return;
+        }
+        println!("Dropped {n} of {pages} journal pages: their {lost} records cannot be delivered.");
+        for ResetHint { stream, since } in &self.reset {
+            println!(
+                "To fetch them again while the API still has them: reset --stream {stream} --since {since} \
+                 (every {stream} record since then is delivered again)."
+            );
+        }
     }
-    println!("Dropped {} of {pages} journal pages: their {lost} records cannot be delivered.", damaged.len());
-    let mut oldest = std::collections::BTreeMap::<&str, i64>::new();
-    for d in &damaged {
-        let t = oldest.entry(&d.stream).or_insert(d.min_created);
-        *t = (*t).min(d.min_created);
-    }
-    for (stream, t) in oldest {
-        println!(
-            "To fetch them again while the API still has them: reset --stream {stream} --since {} \
-             (every {stream} record since then is delivered again).",
-            window::fmt_rfc3339(t)
-        );
-    }
-    Ok(exit::OK)
 }
 
 /// `reset`: poll a stream again from `since` (or its initial lookback).

@@ -54,6 +54,9 @@ pub enum Command {
         /// Only report: exit 65 when a page is damaged, 0 when none is.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Probe readiness (`/readyz`): exit 0 when ready, 1 when not (for container health checks).
     Health {

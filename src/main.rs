@@ -58,7 +58,7 @@ fn run(cli: Cli) -> Result<u8, AppError> {
         Command::Once { timeout } => runtime(workers)?.block_on(app::once(cfg, timeout)),
         Command::Status { json } => runtime(workers)?.block_on(app::status(cfg, json)),
         Command::Reset { stream, since } => runtime(workers)?.block_on(app::reset(cfg, &stream, since.as_deref())),
-        Command::Repair { dry_run } => runtime(workers)?.block_on(app::repair(cfg, dry_run)),
+        Command::Repair { dry_run, json } => runtime(workers)?.block_on(app::repair(cfg, dry_run, json)),
         Command::DeadLetters { action } => runtime(workers)?.block_on(app::dead_letters(cfg, action)),
         Command::Demo { .. } | Command::Health { .. } => unreachable!("handled above"),
     }

@@ -282,14 +282,29 @@ async fn repair_drops_the_pages_of_a_damaged_segment_and_says_how_to_fetch_them_
     let o = h.run(&["repair", "--dry-run", "--config", &full]).await;
     assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
     assert!(stdout(&o).contains("cannot be read back"), "{}", stdout(&o));
+    // The same as JSON, for scripts: what is damaged, what a repair would lose, and the reset that fetches it again.
+    let o = h.run(&["repair", "--dry-run", "--json", "--config", &full]).await;
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(report["dropped"], false, "{report}");
+    let damaged = report["damaged"].as_array().unwrap();
+    assert!(!damaged.is_empty() && damaged.iter().all(|d| d["stream"] == "user_activity"), "{report}");
+    let records: i64 =
+        damaged.iter().map(|d| d["last_seq"].as_i64().unwrap() - d["first_seq"].as_i64().unwrap() + 1).sum();
+    assert_eq!(report["lost_records"].as_i64(), Some(records), "{report}");
     let o = h.run(&["repair", "--config", &full]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     let lost: usize = out.split("their ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
     assert!((1..300).contains(&lost), "{out}");
+    assert_eq!(report["lost_records"].as_u64(), Some(lost as u64), "the dry run foretold it: {out}");
     let since = out.split("--since ").nth(1).and_then(|r| r.split(' ').next()).unwrap().to_string();
+    assert_eq!(report["reset"], serde_json::json!([{ "stream": "user_activity", "since": since }]), "{out}");
     let o = h.run(&["repair", "--dry-run", "--config", &full]).await;
     assert!(o.status.success() && stdout(&o).contains("sound"), "{}", stdout(&o));
+    let o = h.run(&["repair", "--dry-run", "--json", "--config", &full]).await;
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(o.status.success() && report["damaged"] == serde_json::json!([]), "{report}");
 
     // Everything that could be read back is delivered, once.
     let good = h.config(streams);
