@@ -1565,8 +1565,11 @@ fn convert_old_journal(conn: &mut Connection, segs: &mut Segments, path: &Path) 
         }
         pages.sync().map_err(|message| StoreError::Other { path: path.display().to_string(), message })?;
         pages.index(path, &tx)?;
-        tx.execute("DELETE FROM journal WHERE seq <= ?1", [last]).map_err(sq)?;
-        tx.commit().map_err(sq)?;
+        // Not committed: the bytes go too (a start would cut them anyway).
+        if let Err(e) = tx.execute("DELETE FROM journal WHERE seq <= ?1", [last]).and_then(|_| tx.commit()) {
+            pages.rollback();
+            return Err(sq(e));
+        }
         tracing::info!(db = %path.display(), through_seq = last, "Moved journaled records into segment files.");
     }
 }
@@ -2162,7 +2165,18 @@ mod tests {
             tx.execute("DELETE FROM journal WHERE seq IN (1, 2, 7)", []).unwrap();
             tx.execute("INSERT INTO sink_cursors(sink, delivered_seq) VALUES ('a', 2)", []).unwrap();
             tx.execute("INSERT INTO seen(stream, id, created) VALUES ('u', 'id3', 3), ('t', 'id6', 6)", []).unwrap();
+            tx.execute_batch(
+                "CREATE TRIGGER refuse BEFORE DELETE ON journal BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
             tx.commit().unwrap();
+            // A move that cannot commit leaves no bytes in the segments, and the rows where they were.
+            let err = Store::open(&p).err().expect("the move cannot commit").to_string();
+            assert!(err.contains("refused"), "{err}");
+            let bytes: u64 =
+                std::fs::read_dir(segments::dir_for(&p)).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+            assert_eq!(bytes, 0);
+            c.execute_batch("DROP TRIGGER refuse").unwrap();
             drop(c);
             let s = Store::open(&p).unwrap();
             assert_eq!(s.backlog(), (5, 15));
