@@ -71,3 +71,39 @@ async fn kubernetes_configmaps_pass_check_config() {
     }
     assert!(found >= 1, "no ConfigMap with a config.toml found");
 }
+
+/// The systemd unit mounts a `/proc` that holds only processes
+/// (`ProcSubset=pid`): no `/proc/sys/kernel/hostname`. Syslog messages must
+/// still carry this host's name, not `localhost`. Run the same way here,
+/// in a mount namespace of its own (needs root; skipped where the mount is
+/// not allowed).
+#[test]
+fn the_host_name_survives_the_units_proc_subset() {
+    let unit = std::fs::read_to_string(format!("{ROOT}/systemd/opsera-shipper.service")).unwrap();
+    assert!(unit.lines().any(|l| l.trim() == "ProcSubset=pid"), "the unit no longer hides /proc: drop this test");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let state = dir.path().join("state.db");
+    std::fs::write(
+        &cfg,
+        format!("[api]\ntoken = \"x\"\n[state]\npath = {state:?}\n[sinks.sys]\ntype = \"syslog\"\naddress = \"127.0.0.1:514\"\n"),
+    )
+    .unwrap();
+    let script = format!(
+        "mount -t proc -o subset=pid proc /proc || exit 99; test ! -e /proc/sys/kernel/hostname || exit 98; exec {BIN} check-config --config {}",
+        cfg.display()
+    );
+    let o =
+        std::process::Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output();
+    let o = match o {
+        Ok(o) if o.status.code() != Some(99) && o.status.code() != Some(1) => o,
+        other => {
+            eprintln!("skipped: cannot mount a /proc of processes only here ({other:?})");
+            return;
+        }
+    };
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(&format!("hostname={} ", host.trim())), "{out}");
+}

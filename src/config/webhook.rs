@@ -310,19 +310,29 @@ fn expand_env(v: &str, env: &HashMap<String, String>) -> Result<String, String> 
     Ok(out)
 }
 
-/// This host's name, for Splunk's `host` field.
+/// This host's name, for Splunk's `host` field and syslog's HOSTNAME: from
+/// `gethostname`, which works where `/proc/sys` is hidden (the systemd
+/// unit's `ProcSubset=pid`), else `$HOSTNAME`, else `localhost`.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name =
+        ok.then(|| String::from_utf8_lossy(buf.split(|b| *b == 0).next().unwrap_or_default()).trim().to_string());
+    name.filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| "localhost".into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_name_is_the_kernel_s() {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(hostname(), kernel.trim());
+    }
 
     #[test]
     fn env_references_expand_or_fail() {
