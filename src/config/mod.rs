@@ -786,22 +786,33 @@ impl Config {
         out
     }
 
-    /// Security warnings: a secret file readable by group or others,
-    /// secrets written inline in a config file that anyone can read, and
-    /// plain http to a non-loopback host (allowed only by an explicit
+    /// Security warnings: a secret file readable by others, or by a group
+    /// other than the process's own (a Kubernetes secret volume with
+    /// `fsGroup` is readable by the pod's group whatever its `defaultMode`
+    /// says), secrets written inline in a config file that anyone can read,
+    /// and plain http to a non-loopback host (allowed only by an explicit
     /// `allow_insecure_http`; TLS verification itself cannot be turned off).
     pub fn security_warnings(&self) -> Vec<String> {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let mode = |p: &Path| std::fs::metadata(p).ok().map(|m| m.permissions().mode() & 0o777);
+        // SAFETY: getegid cannot fail and touches no memory.
+        let own_group = unsafe { libc::getegid() };
         let mut out = Vec::new();
         for (key, p) in self.secret_files() {
-            if let Some(m) = mode(&p).filter(|m| m & 0o044 != 0) {
-                out.push(format!(
-                    "{key}: {} is readable by {} (mode {m:04o}); make it 0600 or 0400 (chmod go-rwx)",
-                    p.display(),
-                    if m & 0o004 != 0 { "every user" } else { "its group" }
-                ));
-            }
+            let Ok(meta) = std::fs::metadata(&p) else { continue };
+            let m = meta.permissions().mode() & 0o777;
+            let by = if m & 0o004 != 0 {
+                "every user"
+            } else if m & 0o040 != 0 && meta.gid() != own_group {
+                "another group"
+            } else {
+                continue;
+            };
+            out.push(format!(
+                "{key}: {} is readable by {by} (mode {m:04o}, group {}); make it 0600 or 0400 (chmod go-rwx)",
+                p.display(),
+                meta.gid()
+            ));
         }
         let inline = self.api.token_source == "api.token"
             || self.sinks.iter().any(|s| match &s.kind {
@@ -1009,6 +1020,30 @@ mod tests {
         assert!(w.iter().any(|w| w.starts_with("api.base_url:") && w.contains("plain http")), "{w:?}");
         let c = load_str(MINIMAL, Path::new("c.toml"), &opts(&[])).unwrap();
         assert!(c.security_warnings().is_empty(), "loopback http is fine");
+    }
+
+    #[test]
+    fn a_secret_file_readable_by_others_or_another_group_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t\n").unwrap();
+        let text = MINIMAL.replace("[api]", &format!("[api]\ntoken_file = {:?}", token.display().to_string()));
+        let warned = |m: u32| {
+            std::fs::set_permissions(&token, std::fs::Permissions::from_mode(m)).unwrap();
+            let c = load_str(&text, Path::new("c.toml"), &opts(&[])).unwrap();
+            c.security_warnings().into_iter().find(|w| w.starts_with("api.token_file:"))
+        };
+        assert_eq!(warned(0o600), None);
+        assert!(warned(0o644).unwrap().contains("every user"));
+        // The process's own group (as a Kubernetes secret volume with fsGroup makes it): fine.
+        assert_eq!(warned(0o640), None);
+        // Another group (only root can hand the file to one).
+        // SAFETY: geteuid cannot fail and touches no memory.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&token, None, Some(54_321)).unwrap();
+            assert!(warned(0o640).unwrap().contains("another group (mode 0640, group 54321)"));
+        }
     }
 
     #[test]
