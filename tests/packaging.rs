@@ -1,5 +1,6 @@
-//! Deployment artefacts: the container's COPY sources exist, every
-//! Kubernetes ConfigMap's config passes `check-config`.
+//! Deployment artefacts: the container's COPY sources exist and make a
+//! build context cargo can build from, every Kubernetes ConfigMap's config
+//! passes `check-config`, the host name survives the systemd unit's `/proc`.
 
 mod common;
 
@@ -23,6 +24,58 @@ fn dockerfile_copies_only_paths_that_exist() {
         }
     }
     assert!(checked >= 4, "found only {checked} COPY sources");
+}
+
+/// The build stage's COPY lines, put together as `docker build` would (in
+/// its WORKDIR), make a tree whose manifest cargo can read and whose
+/// dependencies it finds in the lock file: a file the manifest names but
+/// the image leaves out fails `cargo build` before it compiles anything.
+#[test]
+fn the_container_build_context_is_enough_for_cargo() {
+    let text = std::fs::read_to_string(format!("{ROOT}/packaging/container/Dockerfile")).unwrap();
+    let build_stage = text.split("\nFROM ").nth(1).expect("a build stage");
+    let ctx = tempfile::tempdir().unwrap();
+    let mut copied = 0;
+    for line in build_stage.lines().map(str::trim).filter(|l| l.starts_with("COPY ")) {
+        let parts: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let (dest, srcs) = parts.split_last().unwrap();
+        for src in srcs {
+            let from = std::path::Path::new(ROOT).join(src);
+            let to = if dest.ends_with('/') { ctx.path().join(dest).join(src) } else { ctx.path().join(dest) };
+            copy_tree(&from, &to);
+            copied += 1;
+        }
+    }
+    assert!(copied >= 4, "found only {copied} COPY sources in the build stage");
+    let rustc = std::process::Command::new("rustc").arg("-vV").output().unwrap();
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .unwrap();
+    let manifest = ctx.path().join("Cargo.toml");
+    let o = std::process::Command::new(env!("CARGO"))
+        .args(["fetch", "--offline", "--locked", "--target", &host, "--manifest-path"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "cargo cannot build from the image's build context: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        }
+    } else {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+    }
 }
 
 /// The `config.toml: |` blocks of a manifest.
