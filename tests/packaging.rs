@@ -160,3 +160,70 @@ fn the_host_name_survives_the_units_proc_subset() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains(&format!("hostname={} ", host.trim())), "{out}");
 }
+
+/// The unit's service runs as a dynamic user, which cannot read root's
+/// files. Done as systemd does it (each `LoadCredential=` copied into the
+/// directory `%d` names, mode 0400 and owned by the service's user; then
+/// `ExecStart=` run as that user, with `check-config` for `run`), the
+/// service reads its config and the token from root's 0600 files. Needs
+/// root, to be another user.
+#[test]
+fn the_units_service_user_reads_its_config_and_token() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let unit = std::fs::read_to_string(format!("{ROOT}/systemd/opsera-shipper.service")).unwrap();
+    let setting = |key: &str| -> Vec<String> {
+        unit.lines().filter_map(|l| l.trim().strip_prefix(key)).map(str::to_string).collect()
+    };
+    let nobody: u32 = 65534;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let at = |p: &str| root.path().join(p);
+    // Root's files, as installed.
+    std::fs::create_dir_all(at("etc/opsera-shipper")).unwrap();
+    let config = format!(
+        "[state]\npath = {:?}\n[sinks.archive]\ntype = \"file\"\npath = {:?}\n",
+        at("state/state.db").display().to_string(),
+        at("state/audit.jsonl").display().to_string()
+    );
+    for (name, text) in [("config.toml", config.as_str()), ("opsera-token", "t0k3n\n")] {
+        let p = at(&format!("etc/opsera-shipper/{name}"));
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // What systemd prepares: the state directory, the credentials, the binary's path.
+    for dir in ["state", "creds"] {
+        std::fs::create_dir(at(dir)).unwrap();
+        std::os::unix::fs::chown(at(dir), Some(nobody), Some(nobody)).unwrap();
+    }
+    let creds = setting("LoadCredential=");
+    assert!(!creds.is_empty(), "the token is a credential");
+    for c in &creds {
+        let (id, source) = c.split_once(':').unwrap();
+        let source = source.replace("/etc/opsera-shipper/", &at("etc/opsera-shipper/").display().to_string());
+        let dest = at("creds").join(id);
+        std::fs::copy(&source, &dest).unwrap();
+        std::os::unix::fs::chown(&dest, Some(nobody), Some(nobody)).unwrap();
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
+    std::fs::copy(BIN, at("opsera-shipper")).unwrap();
+    let exec = setting("ExecStart=").pop().unwrap();
+    let exec = exec
+        .replace("/usr/bin/opsera-shipper", &at("opsera-shipper").display().to_string())
+        .replace("%d", &at("creds").display().to_string())
+        .replace("/etc/opsera-shipper/", &at("etc/opsera-shipper/").display().to_string())
+        .replace(" run ", " check-config ");
+    let o = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(exec.split_whitespace())
+        .env("CREDENTIALS_DIRECTORY", at("creds"))
+        .output()
+        .unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{exec}: {out}");
+    assert!(out.contains("from systemd credential"), "the token came from the credential: {out}");
+}
