@@ -78,6 +78,34 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// The image's health check asks the ops endpoints of the config the image
+/// ships, with the environment the image sets: they must be listening there.
+#[tokio::test]
+async fn the_images_health_check_finds_its_ops_endpoints() {
+    let text = std::fs::read_to_string(format!("{ROOT}/packaging/container/Dockerfile")).unwrap();
+    let env: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ENV "))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let health = text.lines().find(|l| l.starts_with("HEALTHCHECK")).expect("a HEALTHCHECK");
+    let url = health.split('"').find(|p| p.starts_with("http://")).expect("the health check's --url");
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "x\n").unwrap();
+    let mut vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    vars.push(("OPSERA_SHIPPER__API__TOKEN_FILE", token.to_str().unwrap()));
+    let o = run_bin(&["check-config", "--config", &format!("{ROOT}/config/opsera-shipper.toml")], &vars).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let listen = url.trim_start_matches("http://").trim_end_matches('/');
+    assert!(
+        stdout(&o).contains(&format!("listen = \"{listen}\"")),
+        "{url} is not where the image listens: {}",
+        stdout(&o)
+    );
+}
+
 /// The `config.toml: |` blocks of a manifest.
 fn embedded_configs(yaml: &str) -> Vec<String> {
     let mut out = Vec::new();
