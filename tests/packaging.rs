@@ -78,32 +78,34 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-/// The image's health check asks the ops endpoints of the config the image
-/// ships, with the environment the image sets: they must be listening there.
+/// The image's own config (the file its final stage puts at the config path)
+/// is valid, and its health check, `opsera-shipper health` with that config,
+/// has ops endpoints to ask.
 #[tokio::test]
-async fn the_images_health_check_finds_its_ops_endpoints() {
+async fn the_images_config_is_valid_and_its_health_check_has_endpoints_to_ask() {
     let text = std::fs::read_to_string(format!("{ROOT}/packaging/container/Dockerfile")).unwrap();
-    let env: Vec<(String, String)> = text
+    let final_stage = text.rsplit("\nFROM ").next().unwrap();
+    let src = final_stage
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("ENV "))
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let health = text.lines().find(|l| l.starts_with("HEALTHCHECK")).expect("a HEALTHCHECK");
-    let url = health.split('"').find(|p| p.starts_with("http://")).expect("the health check's --url");
+        .filter_map(|l| l.trim().strip_prefix("COPY "))
+        .filter_map(|l| l.strip_suffix(" /etc/opsera-shipper/config.toml"))
+        .next()
+        .expect("the image ships a config");
+    let health = final_stage.lines().find(|l| l.starts_with("HEALTHCHECK")).expect("a HEALTHCHECK");
+    assert!(
+        health.contains(r#""health", "--config", "/etc/opsera-shipper/config.toml""#),
+        "the health check reads its address from the config: {health}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "x\n").unwrap();
-    let mut vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    vars.push(("OPSERA_SHIPPER__API__TOKEN_FILE", token.to_str().unwrap()));
-    let o = run_bin(&["check-config", "--config", &format!("{ROOT}/config/opsera-shipper.toml")], &vars).await;
+    let o = run_bin(
+        &["check-config", "--config", &format!("{ROOT}/{src}")],
+        &[("OPSERA_SHIPPER__API__TOKEN_FILE", token.to_str().unwrap())],
+    )
+    .await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let listen = url.trim_start_matches("http://").trim_end_matches('/');
-    assert!(
-        stdout(&o).contains(&format!("listen = \"{listen}\"")),
-        "{url} is not where the image listens: {}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).contains("[server]\nlisten = "), "the health check has nothing to ask: {}", stdout(&o));
 }
 
 /// The `config.toml: |` blocks of a manifest.
