@@ -108,6 +108,18 @@ async fn the_images_config_is_valid_and_its_health_check_has_endpoints_to_ask() 
     assert!(stdout(&o).contains("[server]\nlisten = "), "the health check has nothing to ask: {}", stdout(&o));
 }
 
+/// Beside an application, the shipper has no readiness probe: a pod is ready
+/// only when every container is, and `/readyz` fails while Opsera's API is
+/// down, which would take the application out of its Service.
+#[test]
+fn a_sidecar_never_gates_its_pods_readiness() {
+    let yaml = std::fs::read_to_string(format!("{ROOT}/packaging/kubernetes/sidecar.yaml")).unwrap();
+    let shipper = yaml.split("- name: opsera-shipper").nth(1).expect("the shipper's container");
+    let shipper = shipper.split("\n        - name: ").next().unwrap().split("\n      volumes:").next().unwrap();
+    assert!(shipper.contains("livenessProbe:"), "{shipper}");
+    assert!(!shipper.contains("readinessProbe:"), "{shipper}");
+}
+
 /// The `config.toml: |` blocks of a manifest.
 fn embedded_configs(yaml: &str) -> Vec<String> {
     let mut out = Vec::new();
