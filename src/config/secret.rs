@@ -33,7 +33,7 @@ impl SecretSource {
 
     /// The current value: read again when the file's modification time has
     /// changed. A file that cannot be read (mid-rotation, say) keeps the
-    /// last good value, with a warning.
+    /// last good value, with a warning, until its time changes again.
     pub fn current(&self) -> Secret {
         let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = &self.0.file {
@@ -47,6 +47,8 @@ impl SecretSource {
                         *st = (value, mtime);
                     }
                     Err(error) => {
+                        // Warned once for this version of the file, not at every use.
+                        st.1 = mtime;
                         tracing::warn!(%error, "Cannot read the secret file again; keeping its last value.")
                     }
                 }
@@ -104,8 +106,12 @@ mod tests {
         // Mid-rotation: empty, then gone. The last good value stays.
         write(&path, "", 3000);
         assert_eq!(s.current().expose(), "three");
+        write(&path, "four\n", 4000);
+        assert_eq!(s.current().expose(), "four", "read again once it changes again");
+        write(&path, "", 5000);
+        assert_eq!(s.current().expose(), "four");
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(s.current().expose(), "three");
+        assert_eq!(s.current().expose(), "four");
         assert!(!s.reload());
         // No file: the value as given.
         let fixed = SecretSource::new(Secret::new("inline"), None);
