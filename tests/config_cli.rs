@@ -85,27 +85,33 @@ async fn token_file_is_trimmed_and_preferred() {
     assert!(out.contains(&format!("from file {}", tf.display())), "{out}");
 }
 
+/// The shipped configs, each in a directory of its own as installed, with
+/// the token file the reference config names beside it (`opsera-token`,
+/// relative: next to the config, or the systemd credential of that name).
 #[tokio::test]
 async fn shipped_configs_parse() {
     let root = env!("CARGO_MANIFEST_DIR");
     for name in ["config/opsera-shipper.toml", "config/demo.toml"] {
-        let p = format!("{root}/{name}");
-        let o = run_bin(&["check-config", "--config", &p], &[("OPSERA_SHIPPER__API__TOKEN", "x")]).await;
-        // The reference config names a token file that does not exist here; point it elsewhere.
-        let text = std::fs::read_to_string(&p).unwrap();
-        if text.contains("\ntoken_file") {
-            let dir = tempfile::tempdir().unwrap();
-            let tf = dir.path().join("tok");
-            std::fs::write(&tf, "x\n").unwrap();
-            let fixed = text.replace("/run/secrets/opsera-token", tf.to_str().unwrap());
-            let fp = dir.path().join("c.toml");
-            std::fs::write(&fp, fixed).unwrap();
-            let o = run_bin(&["check-config", "--config", fp.to_str().unwrap()], &[]).await;
-            assert_eq!(o.status.code(), Some(0), "{name}: {}", stderr(&o));
-        } else {
-            assert_eq!(o.status.code(), Some(0), "{name}: {}", stderr(&o));
-        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.toml");
+        std::fs::copy(format!("{root}/{name}"), &p).unwrap();
+        std::fs::write(dir.path().join("opsera-token"), "x\n").unwrap();
+        let o = run_bin(&["check-config", "--config", p.to_str().unwrap()], &[]).await;
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", stderr(&o));
     }
+}
+
+/// A relative `api.token_file` is found next to the config, wherever the
+/// command runs from, as every other path in the config is.
+#[tokio::test]
+async fn a_relative_token_file_is_next_to_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tok"), "file-token\n").unwrap();
+    let p = dir.path().join("c.toml");
+    std::fs::write(&p, BASE.replace("token = \"t\"", "token_file = \"tok\"")).unwrap();
+    let o = run_bin(&["check-config", "--config", p.to_str().unwrap()], &[]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains(&format!("from file {}", dir.path().join("tok").display())), "{}", stdout(&o));
 }
 
 #[tokio::test]

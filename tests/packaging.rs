@@ -204,7 +204,7 @@ fn the_host_name_survives_the_units_proc_subset() {
 }
 
 /// The unit's service runs as a dynamic user, which cannot read root's
-/// files. Done as systemd does it (each `LoadCredential=` copied into the
+/// files. With the reference config as installed, done as systemd does it (each `LoadCredential=` copied into the
 /// directory `%d` names, mode 0400 and owned by the service's user; then
 /// `ExecStart=` run as that user, with `check-config` for `run`), the
 /// service reads its config and the token from root's 0600 files. Needs
@@ -225,23 +225,18 @@ fn the_units_service_user_reads_its_config_and_token() {
     let root = tempfile::tempdir().unwrap();
     std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let at = |p: &str| root.path().join(p);
-    // Root's files, as installed.
+    // Root's files, as the Debian package and the README install them: the
+    // reference config unchanged, and the token beside it.
     std::fs::create_dir_all(at("etc/opsera-shipper")).unwrap();
-    let config = format!(
-        "[state]\npath = {:?}\n[sinks.archive]\ntype = \"file\"\npath = {:?}\n",
-        at("state/state.db").display().to_string(),
-        at("state/audit.jsonl").display().to_string()
-    );
+    let config = std::fs::read_to_string(format!("{ROOT}/config/opsera-shipper.toml")).unwrap();
     for (name, text) in [("config.toml", config.as_str()), ("opsera-token", "t0k3n\n")] {
         let p = at(&format!("etc/opsera-shipper/{name}"));
         std::fs::write(&p, text).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-    // What systemd prepares: the state directory, the credentials, the binary's path.
-    for dir in ["state", "creds"] {
-        std::fs::create_dir(at(dir)).unwrap();
-        std::os::unix::fs::chown(at(dir), Some(nobody), Some(nobody)).unwrap();
-    }
+    // What systemd prepares: the credentials, and the binary at its path.
+    std::fs::create_dir(at("creds")).unwrap();
+    std::os::unix::fs::chown(at("creds"), Some(nobody), Some(nobody)).unwrap();
     let creds = setting("LoadCredential=");
     assert!(!creds.is_empty(), "the token is a credential");
     for c in &creds {
@@ -267,5 +262,6 @@ fn the_units_service_user_reads_its_config_and_token() {
         .unwrap();
     let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{exec}: {out}");
-    assert!(out.contains("from systemd credential"), "the token came from the credential: {out}");
+    let token = at("creds/opsera-token").display().to_string();
+    assert!(out.contains(&token), "the token came from the credential {token}: {out}");
 }

@@ -396,7 +396,7 @@ fn validate(
     let allow_insecure_http = raw.api.allow_insecure_http.unwrap_or(false);
     let base_url = validate_base_url(raw.api.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL), allow_insecure_http)
         .map_err(|m| err(format!("api.base_url: {m}")))?;
-    let (token, token_source, token_file) = resolve_token(&raw.api, env).map_err(err)?;
+    let (token, token_source, token_file) = resolve_token(&raw.api, &base_dir, env).map_err(err)?;
     if token.is_none() && opts.require_token {
         return Err(err(
             "no API token: set api.token_file (preferred), put it in $CREDENTIALS_DIRECTORY/opsera-token, \
@@ -644,10 +644,12 @@ fn validate_stream(name: &str, rs: RawStream) -> Result<StreamConfig, String> {
 /// environment variable `OPSERA_SHIPPER__API__TOKEN` overrides).
 type TokenFound = (Option<Secret>, String, Option<PathBuf>);
 
-fn resolve_token(api: &RawApi, env: &HashMap<String, String>) -> Result<TokenFound, String> {
+fn resolve_token(api: &RawApi, base_dir: &Path, env: &HashMap<String, String>) -> Result<TokenFound, String> {
     if let Some(p) = &api.token_file {
-        let t = read_secret_file(p).map_err(|m| format!("api.token_file: {m}"))?;
-        return Ok((Some(t), format!("file {}", p.display()), Some(p.clone())));
+        // Relative to the config's directory, as every path in it is.
+        let p = resolve(base_dir, p.clone());
+        let t = read_secret_file(&p).map_err(|m| format!("api.token_file: {m}"))?;
+        return Ok((Some(t), format!("file {}", p.display()), Some(p)));
     }
     if let Some(dir) = env.get("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
         let p = Path::new(dir).join("opsera-token");
