@@ -91,6 +91,17 @@ async fn the_images_config_is_valid_and_its_health_check_has_endpoints_to_ask() 
         .filter_map(|l| l.strip_suffix(" /etc/opsera-shipper/config.toml"))
         .next()
         .expect("the image ships a config");
+    // The state volume's directory belongs to the image's user, so that a
+    // named volume mounted there starts out writable by it.
+    let user = final_stage.lines().find_map(|l| l.strip_prefix("USER ")).expect("a USER");
+    let volume = final_stage.lines().find_map(|l| l.strip_prefix("VOLUME [\"")).expect("a VOLUME");
+    let volume = volume.trim_end_matches("\"]");
+    let staged = final_stage
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("COPY --from=build --chown={user} ")))
+        .filter_map(|l| l.split_once(' '))
+        .any(|(from, to)| from.ends_with(to) && from.starts_with("/staging/") && volume.starts_with(to));
+    assert!(staged, "{volume} is not created owned by {user}: {final_stage}");
     let health = final_stage.lines().find(|l| l.starts_with("HEALTHCHECK")).expect("a HEALTHCHECK");
     assert!(
         health.contains(r#""health", "--config", "/etc/opsera-shipper/config.toml""#),
