@@ -459,8 +459,10 @@ pub async fn health(url: Option<String>, cfg: Option<Config>) -> Result<u8, AppE
         }
     };
     let url = format!("{base}/readyz");
+    // This host's own endpoints: never through a proxy.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
+        .no_proxy()
         .build()
         .map_err(|e| AppError::Other(anyhow::anyhow!("HTTP client: {e}")))?;
     match client.get(&url).send().await {

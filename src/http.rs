@@ -4,6 +4,27 @@ use std::time::Duration;
 
 use reqwest::header::HeaderValue;
 
+/// Whether `url`'s host is loopback (`localhost`, 127.0.0.0/8, `::1`).
+pub fn is_loopback(url: &reqwest::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// A client for `url` takes no proxy from the environment (`HTTP_PROXY`,
+/// `HTTPS_PROXY`, `ALL_PROXY`) when `url` is on this host: a proxy cannot
+/// reach this host's loopback, and reqwest does not pass it by itself. (A
+/// proxy set in the config still applies, added after this.)
+pub fn direct_to_loopback(b: reqwest::ClientBuilder, url: &str) -> reqwest::ClientBuilder {
+    match reqwest::Url::parse(url) {
+        Ok(u) if is_loopback(&u) => b.no_proxy(),
+        _ => b,
+    }
+}
+
 /// `Retry-After` as seconds or an HTTP date, capped at `cap`.
 pub fn parse_retry_after(v: &HeaderValue, cap: Duration) -> Option<Duration> {
     let s = v.to_str().ok()?.trim();

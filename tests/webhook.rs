@@ -82,6 +82,43 @@ async fn ndjson_gzip_signed_batches_arrive_once_and_verify() {
     }
 }
 
+/// A proxy in the environment (as on a machine behind a corporate proxy)
+/// is for other hosts: the API and a receiver on this host are reached
+/// directly, and the ops endpoints' probe too. (A proxy on port 9 answers
+/// nothing: anything sent through it would fail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_proxy_is_not_used_for_this_host() {
+    let h = Harness::new(opts(300, 0)).await;
+    let r = Receiver::start(Mode::Ndjson).await;
+    let port = free_port();
+    let cfg = h.config(&format!(
+        "{}[server]\nlisten = \"127.0.0.1:{port}\"\n",
+        hook(&r, "[streams.token_activity]\nenabled = false\n")
+    ));
+    let c = cfg.to_str().unwrap();
+    let proxy = [
+        ("HTTP_PROXY", "http://127.0.0.1:9"),
+        ("http_proxy", "http://127.0.0.1:9"),
+        ("ALL_PROXY", "http://127.0.0.1:9"),
+    ];
+    let o = run_bin(&["once", "--config", c], &proxy).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_received_once(&r, &h.served());
+    h.assert_exactly_once();
+    let daemon = spawn_daemon(&cfg, &proxy, None);
+    wait_until("the daemon is ready", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+    let mut code = None;
+    for _ in 0..50 {
+        code = run_bin(&["health", "--config", c], &proxy).await.status.code();
+        if code == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(code, Some(0), "the probe reached the ops endpoints directly");
+    assert_eq!(sigterm(daemon).await, Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_array_and_basic_auth() {
     let h = Harness::new(SimOptions { pretty: true, ..opts(300, 40) }).await;

@@ -690,7 +690,7 @@ fn check_http_url(url: &str, allow_insecure_http: bool) -> Result<(), String> {
     match parsed.scheme() {
         "https" => {}
         "http" => {
-            if !allow_insecure_http && !is_loopback_host(&parsed) {
+            if !allow_insecure_http && !crate::http::is_loopback(&parsed) {
                 return Err(format!(
                     "'{url}' is plain http to a non-loopback host; use https, or set api.allow_insecure_http = true"
                 ));
@@ -702,15 +702,6 @@ fn check_http_url(url: &str, allow_insecure_http: bool) -> Result<(), String> {
         return Err(format!("'{url}' has no host"));
     }
     Ok(())
-}
-
-fn is_loopback_host(url: &reqwest::Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    }
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
@@ -837,7 +828,7 @@ impl Config {
         for (key, url) in urls {
             if let Ok(u) = reqwest::Url::parse(url)
                 && u.scheme() == "http"
-                && !is_loopback_host(&u)
+                && !crate::http::is_loopback(&u)
             {
                 out.push(format!(
                     "{key}: '{url}' is plain http (allow_insecure_http = true): the token and the records cross the network unencrypted"

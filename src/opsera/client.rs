@@ -77,6 +77,7 @@ impl Client {
             .user_agent(concat!("opsera-shipper/", env!("CARGO_PKG_VERSION")))
             .gzip(true);
         b = with_tls(b, cfg.ca_pem.as_deref(), None)?;
+        b = crate::http::direct_to_loopback(b, &cfg.base_url);
         if let Some(p) = &cfg.proxy {
             b = b.proxy(reqwest::Proxy::all(p.as_str())?);
         }

@@ -44,6 +44,7 @@ impl WebhookSink {
             // A redirected POST may turn into a GET: treat 3xx as a misconfigured URL instead.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("opsera-shipper/", env!("CARGO_PKG_VERSION")));
+        let b = crate::http::direct_to_loopback(b, &cfg.url);
         let client = with_tls(b, cfg.ca_pem.as_deref(), cfg.identity_pem.as_deref())
             .and_then(|b| b.build())
             .map_err(|e| SinkError::retry(format!("building the HTTP client: {}", describe_reqwest(&e))))?;
