@@ -6,18 +6,58 @@ use std::path::Path;
 
 /// Create `dir` and its missing parents, mode 0750; an existing one is left as it is.
 pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    create_dir(dir, 0o750)
+}
+
+/// Create `dir` and its missing parents with `mode`; an existing one is
+/// left as it is. Each one created is handed to its parent's owner (see
+/// [`hand_to_dir_owner`]).
+pub(crate) fn create_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.is_dir()).collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)
+    std::fs::DirBuilder::new().recursive(true).mode(mode).create(dir)?;
+    for d in missing.iter().rev() {
+        hand_to_dir_owner(d);
+    }
+    Ok(())
 }
 
 /// Open `path` for reading and writing, creating it with mode 0600 if needed
-/// (never truncated).
+/// (never truncated, and handed to its directory's owner when created).
 pub(crate) fn open_private(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)
+    let existed = path.exists();
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
+    if !existed {
+        hand_to_dir_owner(path);
+    }
+    Ok(f)
+}
+
+/// When root creates `path` in a directory that belongs to another user,
+/// hand it to that user (and group), as SQLite does with the files it
+/// creates beside a database. An operator's `sudo opsera-shipper once`
+/// against a service's state or output directory must not leave behind
+/// files the service can no longer open. Best effort: a failure leaves the
+/// file as it was.
+pub(crate) fn hand_to_dir_owner(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Ok(dir) = std::fs::metadata(parent)
+        && dir.uid() != 0
+    {
+        let _ = std::os::unix::fs::chown(path, Some(dir.uid()), Some(dir.gid()));
+    }
 }
 
 /// Start writing the whole 4 KiB blocks of `len` bytes at `at` to the disk

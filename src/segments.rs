@@ -144,12 +144,8 @@ impl Segments {
     /// segment that SQLite still references. The newest segment's
     /// uncommitted tail is cut; segments no page references are deleted.
     pub fn open(dir: &Path, committed: &BTreeMap<u64, u64>) -> Result<Segments, String> {
-        use std::os::unix::fs::DirBuilderExt;
         if !dir.is_dir() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
+            crate::fsutil::create_dir(dir, 0o700)
                 .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 sync_dir(parent)?;

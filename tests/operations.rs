@@ -323,3 +323,42 @@ async fn repair_drops_the_pages_of_a_damaged_segment_and_says_how_to_fetch_them_
     let missing: Vec<_> = h.served().into_keys().filter(|id| !ids.contains(id)).collect();
     assert!(missing.is_empty(), "{} still missing", missing.len());
 }
+
+/// An operator's `sudo opsera-shipper once` against a service's state and
+/// output directories (which belong to the service's user) leaves every file
+/// and directory it creates there to that user, as SQLite does with its
+/// own: the service can open them all afterwards. Needs root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_root_creates_in_a_services_directories_stay_the_services() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let h = Harness::new(opts(300, 0)).await;
+    let cfg = h.config("[streams.token_activity]\nenabled = false\n");
+    let service = 65534;
+    std::os::unix::fs::chown(h.dir.path(), Some(service), Some(service)).unwrap();
+    let o = h.run(&["once", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    h.assert_exactly_once();
+    let mut created = Vec::new();
+    let mut dirs = vec![h.dir.path().to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p == cfg {
+                continue; // the test's own
+            }
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                dirs.push(p.clone());
+            }
+            created.push((p, m.uid(), m.gid()));
+        }
+    }
+    assert!(created.len() >= 5, "state, lock, journal directory and segment, output directory and file: {created:?}");
+    let root_owned: Vec<_> = created.iter().filter(|(_, u, g)| (*u, *g) != (service, service)).collect();
+    assert!(root_owned.is_empty(), "left to root: {root_owned:?}");
+}
