@@ -213,12 +213,11 @@ pub struct Config {
 pub struct ApiConfig {
     /// Base URL without a trailing slash.
     pub base_url: String,
-    /// `None` only when the caller said no token is needed (status, reset).
-    pub token: Option<Secret>,
+    /// `None` only when the caller said no token is needed (status, reset);
+    /// read again from its file, if it has one, when the file changes.
+    pub token: Option<SecretSource>,
     /// Where the token came from, for check-config (never the token itself).
     pub token_source: String,
-    /// The file the token was read from, re-read when it changes (rotation).
-    pub token_file: Option<PathBuf>,
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
     pub ca_pem: Option<Vec<u8>>,
@@ -396,7 +395,7 @@ fn validate(
     let allow_insecure_http = raw.api.allow_insecure_http.unwrap_or(false);
     let base_url = validate_base_url(raw.api.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL), allow_insecure_http)
         .map_err(|m| err(format!("api.base_url: {m}")))?;
-    let (token, token_source, token_file) = resolve_token(&raw.api, &base_dir, env).map_err(err)?;
+    let (token, token_source) = resolve_token(&raw.api, &base_dir, env).map_err(err)?;
     if token.is_none() && opts.require_token {
         return Err(err(
             "no API token: set api.token_file (preferred), put it in $CREDENTIALS_DIRECTORY/opsera-token, \
@@ -552,7 +551,6 @@ fn validate(
             base_url,
             token,
             token_source,
-            token_file,
             timeout,
             ca_file,
             ca_pem,
@@ -642,28 +640,30 @@ fn validate_stream(name: &str, rs: RawStream) -> Result<StreamConfig, String> {
 /// Find the API token in order of preference: `token_file`, then systemd's
 /// `$CREDENTIALS_DIRECTORY/opsera-token`, then `api.token` (which the
 /// environment variable `OPSERA_SHIPPER__API__TOKEN` overrides).
-type TokenFound = (Option<Secret>, String, Option<PathBuf>);
+type TokenFound = (Option<SecretSource>, String);
 
 fn resolve_token(api: &RawApi, base_dir: &Path, env: &HashMap<String, String>) -> Result<TokenFound, String> {
     if let Some(p) = &api.token_file {
         // Relative to the config's directory, as every path in it is.
         let p = resolve(base_dir, p.clone());
         let t = read_secret_file(&p).map_err(|m| format!("api.token_file: {m}"))?;
-        return Ok((Some(t), format!("file {}", p.display()), Some(p)));
+        let source = format!("file {}", p.display());
+        return Ok((Some(SecretSource::new(t, Some(p))), source));
     }
     if let Some(dir) = env.get("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
         let p = Path::new(dir).join("opsera-token");
         if p.exists() {
             let t = read_secret_file(&p).map_err(|m| format!("$CREDENTIALS_DIRECTORY/opsera-token: {m}"))?;
-            return Ok((Some(t), format!("systemd credential {}", p.display()), Some(p)));
+            let source = format!("systemd credential {}", p.display());
+            return Ok((Some(SecretSource::new(t, Some(p))), source));
         }
     }
     if let Some(t) = api.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
         let from_env = env.get(&format!("{ENV_PREFIX}__API__TOKEN")).is_some_and(|v| !v.is_empty());
         let source = if from_env { "environment OPSERA_SHIPPER__API__TOKEN" } else { "api.token" };
-        return Ok((Some(Secret::new(t)), source.into(), None));
+        return Ok((Some(SecretSource::new(Secret::new(t), None)), source.into()));
     }
-    Ok((None, "none".into(), None))
+    Ok((None, "none".into()))
 }
 
 /// Read a secret from a file, trimming surrounding whitespace and the trailing newline.
@@ -752,8 +752,8 @@ impl Config {
     /// Every file this config reads a secret from, with the key naming it.
     pub fn secret_files(&self) -> Vec<(String, PathBuf)> {
         let mut out = Vec::new();
-        if let Some(p) = &self.api.token_file {
-            out.push(("api.token_file".to_string(), p.clone()));
+        if let Some(p) = self.api.token.as_ref().and_then(SecretSource::file) {
+            out.push(("api.token_file".to_string(), p.to_path_buf()));
         }
         for s in &self.sinks {
             let key = |k: &str| format!("sinks.{}.{k}", s.name);
@@ -1066,7 +1066,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(c.api.token.as_ref().unwrap().expose(), "00123");
+        assert_eq!(c.api.token.as_ref().unwrap().current().expose(), "00123");
         assert_eq!(c.streams[0].page_size, 250);
         assert!(!c.streams[1].enabled);
         assert_eq!(c.sinks[0].streams, vec!["user_activity"]);

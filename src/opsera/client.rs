@@ -15,7 +15,7 @@ use reqwest::header::{AUTHORIZATION, HeaderValue, RETRY_AFTER};
 use tokio_util::sync::CancellationToken;
 
 use super::page::{CountMeaning, Page, parse_page, snippet};
-use crate::config::{ApiConfig, Secret};
+use crate::config::{ApiConfig, SecretSource};
 use crate::http::{describe_reqwest, parse_retry_after, with_tls};
 
 /// The longest wait a `Retry-After` header can impose.
@@ -59,7 +59,7 @@ pub struct Client {
     http: reqwest::Client,
     base_url: String,
     /// Re-read from its file when the file changes.
-    token: crate::config::SecretSource,
+    token: SecretSource,
     max_response_bytes: u64,
     max_retries: u32,
     min_delay: Duration,
@@ -67,9 +67,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// Build a client from validated config; `token` must be present.
-    pub fn new(cfg: &ApiConfig, token: Secret) -> anyhow::Result<Self> {
-        let token = crate::config::SecretSource::new(token, cfg.token_file.clone());
+    /// Build a client from validated config, with its `token`.
+    pub fn new(cfg: &ApiConfig, token: SecretSource) -> anyhow::Result<Self> {
         let mut b = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
