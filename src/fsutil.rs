@@ -29,8 +29,14 @@ pub(crate) fn create_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
 /// (never truncated, and handed to its directory's owner when created).
 pub(crate) fn open_private(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
+    open_handing_over(std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600), path)
+}
+
+/// Open `path` with `options`; a file that this creates is handed to its
+/// directory's owner (see [`hand_to_dir_owner`]).
+pub(crate) fn open_handing_over(options: &std::fs::OpenOptions, path: &Path) -> std::io::Result<File> {
     let existed = path.exists();
-    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
+    let f = options.open(path)?;
     if !existed {
         hand_to_dir_owner(path);
     }
@@ -43,7 +49,7 @@ pub(crate) fn open_private(path: &Path) -> std::io::Result<File> {
 /// against a service's state or output directory must not leave behind
 /// files the service can no longer open. Best effort: a failure leaves the
 /// file as it was.
-pub(crate) fn hand_to_dir_owner(path: &Path) {
+fn hand_to_dir_owner(path: &Path) {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } != 0 {

@@ -1970,11 +1970,6 @@ mod tests {
         s.run(move |inner, c| c.execute_batch(sql).map_err(|e| sq(inner, e))).await.unwrap();
     }
 
-    /// The schema of version 3 in `c`, in a transaction left open.
-    fn schema_3(c: &mut Connection) -> rusqlite::Transaction<'_> {
-        schema(c, 3)
-    }
-
     /// The schema of `version` in `c`, in a transaction left open.
     fn schema(c: &mut Connection, version: usize) -> rusqlite::Transaction<'_> {
         let tx = c.transaction().unwrap();
@@ -2122,7 +2117,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("old.db");
         let mut c = Connection::open(&p).unwrap();
-        schema_3(&mut c).commit().unwrap();
+        schema(&mut c, 3).commit().unwrap();
         let version = |c: &Connection| c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap();
         let e = Store::open_read(&p).err().expect("a reader refuses an older schema").to_string();
         assert!(e.contains("schema version 3") && e.contains("old.db"), "{e}");
@@ -2153,7 +2148,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let p = dir.path().join("old.db");
             let mut c = Connection::open(&p).unwrap();
-            let tx = schema_3(&mut c);
+            let tx = schema(&mut c, 3);
             // seqs 1-2 delivered and trimmed; 3-5 user, 6 token, 8 user (7 trimmed by hand: a gap).
             for (seq, stream) in [(1, "u"), (2, "u"), (3, "u"), (4, "u"), (5, "u"), (6, "t"), (7, "u"), (8, "u")] {
                 tx.execute(

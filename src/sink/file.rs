@@ -54,17 +54,8 @@ fn open_append(path: &std::path::Path) -> Result<File, SinkError> {
         crate::fsutil::create_private_dir(dir)
             .map_err(|e| SinkError::retry(format!("creating directory {}: {e}", dir.display())))?;
     }
-    let existed = path.exists();
-    let f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .open(path)
-        .map_err(|e| SinkError::retry(format!("opening {}: {e}", path.display())))?;
-    if !existed {
-        crate::fsutil::hand_to_dir_owner(path);
-    }
-    Ok(f)
+    crate::fsutil::open_handing_over(OpenOptions::new().append(true).create(true).mode(0o640), path)
+        .map_err(|e| SinkError::retry(format!("opening {}: {e}", path.display())))
 }
 
 /// Cut bytes written after the last commit, if the file is the one committed.
